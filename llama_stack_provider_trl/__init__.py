@@ -1,0 +1,15 @@
+"""llama-stack-provider-trl: Llama Stack's post_training API, served by Hugging Face TRL."""
+
+from typing import Any
+
+from .config import TrlPostTrainingConfig
+
+
+async def get_provider_impl(config: TrlPostTrainingConfig, deps: dict[Any, Any]):
+    from llama_stack_api import Api
+
+    from .post_training import TrlPostTrainingImpl
+
+    impl = TrlPostTrainingImpl(config, datasetio=deps.get(Api.datasetio), datasets=deps.get(Api.datasets))
+    await impl.initialize()
+    return impl

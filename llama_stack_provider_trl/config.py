@@ -1,0 +1,85 @@
+"""Configuration of the inline::trl provider (the `config:` block of run.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from llama_stack.core.storage.datatypes import KVStoreReference
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Limits(BaseModel):
+    """Upper bounds a request may ask for; anything above is a 400 before any work starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
+    max_dataset_rows: int = Field(default=1_000_000, ge=1, description="Most rows a training or validation set may have.")
+    max_seq_length: int = Field(default=32768, ge=8, description="Largest max_seq_length a request may ask for.")
+    max_total_steps: int = Field(default=1_000_000, ge=1, description="Most optimizer steps one job may run.")
+
+
+class TrlPostTrainingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        default="auto", description="Where jobs train: cpu, cuda, or auto (cuda when available)."
+    )
+    dpo_beta: float = Field(default=0.1, gt=0, description="DPO beta used when a request gives none.")
+    use_reference_model: bool = Field(
+        default=True,
+        description="Keep a frozen reference model during DPO. false: the reference log-probs are computed once "
+        "before training (TRL's precompute_ref_log_probs) and no reference model stays in memory.",
+    )
+    max_seq_length: int = Field(default=2048, ge=8, description="Token limit per sequence when a request gives none.")
+    gradient_checkpointing: bool = Field(
+        default=False, description="Trade compute for activation memory; a request's efficiency_config overrides it."
+    )
+    logging_steps: int = Field(default=10, ge=1, description="Steps between logged loss/metrics (status updates).")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="Warm-up fraction when a request gives no num_warmup_steps.")
+    weight_decay: float = Field(default=0.01, ge=0, description="Weight decay when a request gives none.")
+
+    output_dir: str = Field(
+        default="~/.llama/post_training/trl",
+        description="Where each job writes its data snapshot, checkpoints and final model (<output_dir>/<job_uuid>).",
+    )
+    kvstore: KVStoreReference = Field(
+        default_factory=lambda: KVStoreReference(backend="kv_default", namespace="post_training::trl"),
+        description="Where job records are persisted (a backend declared under run.yaml storage:).",
+    )
+    save_steps: int = Field(default=50, ge=1, description="Steps between resumable checkpoints (only the latest is kept).")
+    resume_interrupted_jobs: bool = Field(
+        default=True,
+        description="After a restart, continue jobs that were running or waiting from their last checkpoint; "
+        "false marks them failed.",
+    )
+    model_roots: list[str] = Field(
+        default_factory=lambda: [".", "~/.cache/huggingface"],
+        description="Local model directories must resolve (after symlinks) inside one of these.",
+    )
+    dataset_roots: list[str] = Field(
+        default_factory=lambda: ["."], description="Local dataset files must resolve (after symlinks) inside one of these."
+    )
+    trust_remote_code: bool = Field(default=False, description="Allow models that ship their own Python code.")
+    limits: Limits = Field(default_factory=Limits)
+
+    default_model: str | None = Field(default=None, description="Model for supervised-fine-tune requests that name none.")
+    save_merged_model: bool = Field(
+        default=False, description="LoRA jobs also save the adapter merged into the base model."
+    )
+    validation_fraction: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="SFT: rows held out for validation when a request gives no validation_dataset_id.",
+    )
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+    @classmethod
+    def sample_run_config(cls, __distro_dir__: str = "~/.llama/distributions/trl", **kwargs: Any) -> dict[str, Any]:
+        return {
+            "device": "${env.TRL_DEVICE:=auto}",
+            "output_dir": "${env.TRL_OUTPUT_DIR:=" + __distro_dir__ + "/post_training}",
+            "kvstore": {"backend": "kv_default", "namespace": "post_training::trl"},
+        }

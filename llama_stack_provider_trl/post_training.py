@@ -1,0 +1,208 @@
+"""The inline::trl provider: validates requests, keeps the job table, hands jobs to the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llama_stack_api.common.errors import ConflictError
+
+from .api.models import (
+    JobStatus,
+    ListPostTrainingJobsResponse,
+    PostTrainingJob,
+    PostTrainingJobArtifactsResponse,
+    PostTrainingJobStatusResponse,
+    PreferenceOptimizeRequest,
+    QATFinetuningConfig,
+    SupervisedFineTuneRequest,
+    TrainingConfig,
+)
+from .config import TrlPostTrainingConfig
+from .data import (
+    DataError,
+    load_rows,
+    preference_format,
+    preference_rows,
+    resolve_inside,
+    sft_format,
+    sft_rows,
+    write_jsonl,
+)
+from .jobs import FINAL_STATES, JobRecord, JobTable, now
+from .lora_targets import linear_modules, lora_target_modules
+from .plan import TrainingPlan, make_plan
+from .scheduler import INTERRUPTED, Scheduler
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+SHUTDOWN_BUDGET_S = 4.5  # Llama Stack gives each provider 5 s to shut down
+
+
+class TrlPostTrainingImpl:
+    def __init__(self, config: TrlPostTrainingConfig, datasetio: Any = None, datasets: Any = None) -> None:
+        self.config = config
+        self.datasetio = datasetio
+        self.datasets = datasets
+        self.output_dir = config.resolved_output_dir()
+        self.max_request_bytes = config.limits.max_request_bytes  # read by the routes
+        self.table: JobTable | None = None
+        self.scheduler: Scheduler | None = None
+
+    async def initialize(self) -> None:
+        from llama_stack.core.storage.kvstore import kvstore_impl
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.table = JobTable(await kvstore_impl(self.config.kvstore))
+        records = await self.table.load()
+        self.scheduler = Scheduler(self.table, self.config, self._plan_for)
+        for record in records:
+            if record.is_final:
+                continue
+            if self.config.resume_interrupted_jobs:
+                self.table.update(record.job_uuid, status=JobStatus.scheduled)
+                self.scheduler.submit(record.job_uuid)
+            else:
+                self.table.update(record.job_uuid, status=JobStatus.failed, error=INTERRUPTED, completed_at=now())
+        self.scheduler.start()
+
+    async def shutdown(self) -> None:
+        if self.scheduler is not None:
+            await asyncio.to_thread(self.scheduler.shutdown, SHUTDOWN_BUDGET_S)
+        if self.table is not None:
+            self.table.close()
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    async def preference_optimize(self, request: PreferenceOptimizeRequest) -> PostTrainingJob:
+        warnings = request.algorithm_config.ignored_fields()
+        model_dir = self._check_model(request.finetuned_model, "finetuned_model")
+        if request.algorithm_config.lora is not None:
+            self._check_lora(model_dir, request.algorithm_config.lora, "algorithm_config.lora")
+
+        async def rows_for(dataset_id: str, field: str) -> list[dict]:
+            rows = await self._rows(dataset_id, field)
+            return preference_rows(rows, preference_format(rows, field))
+
+        return await self._submit("dpo", request, request.training_config, rows_for, warnings)
+
+    async def supervised_fine_tune(self, request: SupervisedFineTuneRequest) -> PostTrainingJob:
+        model = request.model or self.config.default_model
+        if not model:
+            raise ValueError("model: required (the provider has no default_model)")
+        model_dir = self._check_model(model, "model")
+        algo = request.algorithm_config
+        if isinstance(algo, QATFinetuningConfig):
+            raise ValueError("algorithm_config: QAT is not supported by this provider; use LoRA or none")
+        if algo is not None:
+            if algo.quantize_base:
+                self._check_quantize_base()
+            self._check_lora(model_dir, algo, "algorithm_config")
+        warnings = ["checkpoint_dir ignored: artifacts are written under the provider's output_dir"] \
+            if request.checkpoint_dir else []
+        declared = request.training_config.data_config.data_format
+
+        async def rows_for(dataset_id: str, field: str) -> list[dict]:
+            rows = await self._rows(dataset_id, field)
+            return sft_rows(rows, sft_format(rows, field, declared.value if declared else None))
+
+        resolved = request.model_copy(update={"model": model})
+        return await self._submit("sft", resolved, request.training_config, rows_for, warnings)
+
+    async def _submit(self, method: str, request: Any, tc: TrainingConfig, rows_for, warnings: list[str]) -> PostTrainingJob:
+        assert self.table is not None and self.scheduler is not None
+        job_uuid = request.job_uuid
+        self.table.reserve(job_uuid)  # 409 for a duplicate, before any work
+        job_dir = self.output_dir / job_uuid
+        created = False
+        try:
+            if job_dir.exists():
+                raise ConflictError(f"job_uuid '{job_uuid}': {job_dir} already exists from an earlier job; choose another id")
+            if request.hyperparam_search_config:
+                warnings.append("hyperparam_search_config ignored: no hyperparameter search")
+            if request.logger_config:
+                warnings.append("logger_config ignored: progress is reported in the job's status")
+            data_config = tc.data_config
+            train = await rows_for(data_config.dataset_id, "training_config.data_config.dataset_id")
+            validation = None
+            if data_config.validation_dataset_id:
+                validation = await rows_for(data_config.validation_dataset_id,
+                                            "training_config.data_config.validation_dataset_id")
+            plan = make_plan(tc, len(train), self.config)
+            warnings.extend(plan.warnings)
+
+            created = True
+            write_jsonl(train, job_dir / "data" / "train.jsonl")
+            if validation is not None:
+                write_jsonl(validation, job_dir / "data" / "validation.jsonl")
+            record = JobRecord(job_uuid=job_uuid, method=method, request=request.model_dump(mode="json"),
+                               warnings=warnings, n_rows=len(train))
+            await asyncio.wrap_future(self.table.add(record))
+        except BaseException:
+            self.table.release(job_uuid)
+            if created:
+                shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        self.scheduler.submit(job_uuid)
+        return PostTrainingJob(job_uuid=job_uuid)
+
+    async def get_training_jobs(self) -> ListPostTrainingJobsResponse:
+        return ListPostTrainingJobsResponse(data=[PostTrainingJob(job_uuid=r.job_uuid) for r in self.table.all()])
+
+    async def get_training_job_status(self, job_uuid: str) -> PostTrainingJobStatusResponse:
+        return self.table.snapshot(job_uuid).status_response()
+
+    async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
+        return self.table.snapshot(job_uuid).artifacts_response()
+
+    async def cancel_training_job(self, job_uuid: str) -> None:
+        status = self.scheduler.cancel(job_uuid)
+        if status in FINAL_STATES and status != JobStatus.cancelled:
+            raise ConflictError(f"job '{job_uuid}' already {status.value}; only scheduled or running jobs can be cancelled")
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def _plan_for(self, record: JobRecord) -> TrainingPlan:
+        tc = TrainingConfig.model_validate(record.request["training_config"])
+        return make_plan(tc, record.n_rows, self.config)
+
+    async def _rows(self, dataset_id: str, field: str) -> list[dict]:
+        return await load_rows(dataset_id, field=field, datasetio=self.datasetio, roots=self.config.dataset_roots,
+                               max_rows=self.config.limits.max_dataset_rows)
+
+    def _check_model(self, value: str, field: str) -> Path | None:
+        """A local model directory inside model_roots (returned), or a hub id (None) for the job to fetch."""
+        looks_like_path = value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
+        if not looks_like_path:
+            if not HUB_ID.match(value):
+                raise ValueError(f"{field}: '{value}' is neither a local model directory nor a Hugging Face hub id")
+            return None
+        path = resolve_inside(value, self.config.model_roots, field)
+        if not path.is_dir():
+            raise DataError(f"{field}: no model directory at {path}")
+        if not (path / "config.json").is_file():
+            raise DataError(f"{field}: {path} has no config.json; is it a Hugging Face model directory?")
+        return path
+
+    def _check_lora(self, model_dir: Path | None, lora, field: str) -> None:
+        if model_dir is None:
+            return  # hub models are checked when the job loads them
+        available = linear_modules(model_dir)
+        if available:
+            try:
+                lora_target_modules(lora, available)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("algorithm_config", field, 1)) from None
+
+    def _check_quantize_base(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("algorithm_config.quantize_base: QLoRA needs the bitsandbytes package, which is not installed")
+        if self.config.device == "cpu":
+            raise ValueError("algorithm_config.quantize_base: QLoRA needs a CUDA device; the provider's device is cpu")

@@ -1,0 +1,226 @@
+"""What every recipe does the same way: pick the device and precision, load the
+model, report progress and obey cancel/shutdown through a TrainerCallback, and
+save the final model as an artifact. Imports torch and transformers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from ..api.models import Checkpoint, PostTrainingMetric
+from ..jobs import now
+from .context import JobCancelled, JobContext, JobInterrupted
+
+log = logging.getLogger(__name__)
+
+# Metrics worth showing in status; TRL logs many more.
+REPORTED_METRICS = (
+    "loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+    "rewards/margins", "logps/chosen", "logps/rejected", "mean_token_accuracy", "entropy", "eval_loss",
+)
+
+
+def resolve_device(ctx: JobContext) -> tuple[str, str, list[str]]:
+    """(device, precision, warnings). bf16/fp16 only where the device has them; fp32 on the CPU."""
+    warnings: list[str] = []
+    wanted = ctx.config.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the provider's device is 'cuda' but torch sees no CUDA device")
+    device = "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+    dtype = ctx.plan.dtype
+    if device == "cpu":
+        if dtype in ("bf16", "fp16"):
+            warnings.append(f"training_config.dtype '{dtype}' is not used on the CPU, where it is slower: trained in fp32")
+        return device, "fp32", warnings
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if dtype is None:
+        return device, "bf16" if bf16_ok else "fp32", warnings
+    if dtype == "bf16" and not bf16_ok:
+        warnings.append("training_config.dtype 'bf16' is not supported by this GPU: trained in fp16")
+        return device, "fp16", warnings
+    return device, dtype, warnings
+
+
+def load_model_and_tokenizer(model_ref: str, ctx: JobContext):
+    """A local directory, or a hub id for users who have the hub; a clear error offline."""
+    local = Path(model_ref).expanduser()
+    kwargs: dict[str, Any] = {"trust_remote_code": ctx.config.trust_remote_code}
+    if not local.is_dir():
+        # hub downloads go under the provider's output_dir, like everything else it writes
+        kwargs["cache_dir"] = str(ctx.config.resolved_output_dir() / "hub-cache")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else model_ref, **kwargs)
+        # fp32 master weights: on the CPU that is the fast path; on GPUs autocast does bf16/fp16
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local) if local.is_dir() else model_ref, dtype=torch.float32, **kwargs
+        )
+    except OSError as exc:
+        if local.is_dir():
+            raise RuntimeError(f"could not load the model in {local}: {exc}") from None
+        raise RuntimeError(
+            f"'{model_ref}' is not a local model directory, and it could not be fetched from the Hugging Face hub "
+            f"(no network access to the hub from this server?): {exc}"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def trainer_arguments(ctx: JobContext, device: str, precision: str) -> dict[str, Any]:
+    """TrainingArguments shared by every recipe. Chosen for speed on one device: no
+    worker processes, no eval unless asked, no padding beyond the batch's longest row."""
+    plan = ctx.plan
+    args: dict[str, Any] = dict(
+        output_dir=str(ctx.checkpoints_dir),
+        max_steps=plan.max_steps,
+        per_device_train_batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        learning_rate=plan.learning_rate,
+        weight_decay=plan.weight_decay,
+        warmup_steps=plan.warmup_steps,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        logging_steps=plan.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=plan.save_steps,
+        save_total_limit=1,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+        train_sampling_strategy="random" if plan.shuffle else "sequential",
+    )
+    if plan.optim:
+        args["optim"] = plan.optim
+    return args
+
+
+class JobCallback(TrainerCallback):
+    """Progress into the job record; cancel and shutdown out of it."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.started = time.monotonic()
+        self.start_step = 0
+        self.metrics: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+        self.start_step = state.global_step
+        self.ctx.report(persist=True, phase="training", step=state.global_step, total_steps=state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        self.metrics.update({k: float(v) for k, v in logs.items() if k in REPORTED_METRICS and _finite(v)})
+        elapsed = time.monotonic() - self.started
+        fields: dict[str, Any] = {"metrics": dict(self.metrics), "elapsed_seconds": round(elapsed, 3)}
+        if "loss" in logs:
+            loss = float(logs["loss"])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {state.global_step}; lower the learning rate")
+            fields["loss"] = loss
+        if "num_tokens" in logs and elapsed > 0:
+            fields["tokens_per_second"] = round(float(logs["num_tokens"]) / elapsed, 1)
+        self.ctx.report(persist=True, **fields)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = time.monotonic() - self.started
+        done = state.global_step - self.start_step
+        remaining = state.max_steps - state.global_step
+        self.ctx.report(
+            persist=False,
+            step=state.global_step,
+            epoch=round(float(state.epoch or 0.0), 4),
+            elapsed_seconds=round(elapsed, 3),
+            eta_seconds=round(elapsed / done * remaining, 1) if done else None,
+        )
+        if state.global_step >= state.max_steps:
+            control.should_save = False  # the final model is saved as the artifact instead
+            control.should_log = True  # so short jobs report a loss too
+        if self.ctx.cancel_requested.is_set():
+            control.should_training_stop = True
+            control.should_save = False
+        elif self.ctx.shutdown_requested.is_set():
+            control.should_training_stop = True
+            control.should_save = True  # a resumable checkpoint at this step
+        return control
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def run_training(trainer, ctx: JobContext) -> None:
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    if trainer.state.global_step < trainer.state.max_steps:
+        ctx.raise_if_stopped()  # stopped early by cancel or shutdown; a finished run is saved regardless
+
+
+def save_final(trainer, ctx: JobContext, kind: str = "model", name: str = "final",
+               metric: PostTrainingMetric | None = None) -> Checkpoint:
+    """Write the artifact to a scratch dir and rename it into place, so a job that dies
+    while saving leaves nothing that looks like a finished checkpoint."""
+    ctx.report(persist=True, phase="saving")
+    final = ctx.job_dir / name
+    scratch = ctx.job_dir / f".{name}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    trainer.save_model(str(scratch))
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(str(scratch))
+    shutil.rmtree(final, ignore_errors=True)
+    scratch.rename(final)
+    return checkpoint_record(ctx, final, kind, trainer.state, metric)
+
+
+def checkpoint_record(ctx: JobContext, path: Path, kind: str, state, metric: PostTrainingMetric | None) -> Checkpoint:
+    if metric is None:
+        metric = final_metric(state, ctx)
+    return Checkpoint(
+        identifier=f"{ctx.job_uuid}/{path.name}",
+        created_at=now(),
+        epoch=metric.epoch,
+        post_training_job_id=ctx.job_uuid,
+        path=str(path),
+        training_metrics=metric,
+        kind=kind,  # type: ignore[arg-type]
+    )
+
+
+def final_metric(state, ctx: JobContext) -> PostTrainingMetric:
+    """The last logged training metrics, and validation ones where the recipe evaluated."""
+    train_logs = [h for h in state.log_history if "loss" in h]
+    eval_logs = [h for h in state.log_history if "eval_loss" in h]
+    last = dict(train_logs[-1]) if train_logs else {}
+    metric = PostTrainingMetric(
+        epoch=max(1, math.ceil(float(state.epoch or 0) - 1e-9)) if state.epoch else ctx.plan.n_epochs,
+        train_loss=last.get("loss"),
+        metrics={k: float(v) for k, v in last.items() if k in REPORTED_METRICS and _finite(v)},
+    )
+    if eval_logs:
+        metric.validation_loss = float(eval_logs[-1]["eval_loss"])
+        metric.perplexity = math.exp(min(metric.validation_loss, 50.0))
+    return metric
+
+
+def finish(ctx: JobContext) -> None:
+    """Intermediate checkpoints only serve resumption; a finished job does not need them."""
+    shutil.rmtree(ctx.checkpoints_dir, ignore_errors=True)
+
+
+__all__ = [
+    "JobCallback", "JobCancelled", "JobInterrupted", "load_model_and_tokenizer", "resolve_device",
+    "run_training", "save_final", "trainer_arguments", "finish", "final_metric", "checkpoint_record",
+]

@@ -1,0 +1,67 @@
+"""Direct Preference Optimization with TRL's DPOTrainer on one device.
+
+Top to bottom: read the request, pick device and precision, load the model, build
+the dataset from the job's snapshot, configure DPO, train (resuming if asked),
+save the final model. The reference model is, in order of preference:
+the base model with the LoRA adapter switched off (LoRA jobs: one copy of the
+weights), log-probs precomputed once (precompute_ref_log_probs: no reference held
+while training), or a frozen copy (TRL's default).
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+from ..api.models import Checkpoint, PreferenceOptimizeRequest
+from ..data import read_jsonl
+from . import common
+from .context import JobContext
+from .lora import peft_config_for
+
+
+def train(ctx: JobContext) -> list[Checkpoint]:
+    request = PreferenceOptimizeRequest.model_validate(ctx.request)
+    algo = request.algorithm_config
+    device, precision, warnings = common.resolve_device(ctx)
+    ctx.report(persist=True, phase="loading", warnings=warnings,
+               resources_allocated={"device": device, "precision": precision})
+
+    model, tokenizer = common.load_model_and_tokenizer(request.finetuned_model, ctx)
+    ctx.raise_if_stopped()
+
+    dataset = Dataset.from_list(read_jsonl(ctx.data_dir / "train.jsonl"))
+    precompute = algo.precompute_ref_log_probs
+    if precompute is None:
+        precompute = not ctx.config.use_reference_model
+    peft_config = peft_config_for(model, algo.lora) if algo.lora else None
+
+    args = DPOConfig(
+        **common.trainer_arguments(ctx, device, precision),
+        beta=algo.beta if algo.beta is not None else ctx.config.dpo_beta,
+        loss_type=[algo.loss_type.value],
+        max_length=ctx.plan.max_length,
+        precompute_ref_log_probs=precompute and peft_config is None,
+        trust_remote_code=ctx.config.trust_remote_code,
+        activation_offloading=ctx.plan.activation_offloading,
+        dataset_num_proc=None,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[common.JobCallback(ctx)],
+    )
+    ctx.raise_if_stopped()
+
+    common.run_training(trainer, ctx)
+    checkpoint = common.save_final(trainer, ctx, kind="adapter" if peft_config else "model")
+    checkpoints = [checkpoint]
+    if peft_config and ctx.config.save_merged_model:
+        from .lora import save_merged
+
+        checkpoints.append(save_merged(trainer, ctx, checkpoint.training_metrics))
+    common.finish(ctx)
+    return checkpoints
