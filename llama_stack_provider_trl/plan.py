@@ -46,7 +46,7 @@ def make_plan(tc: TrainingConfig, n_rows: int, config: TrlPostTrainingConfig) ->
     warnings: list[str] = []
     limits = config.limits
     max_length = tc.max_seq_length or config.max_seq_length
-    if max_length > limits.max_seq_length:
+    if tc.max_seq_length is not None and max_length > limits.max_seq_length:
         raise ValueError(
             f"training_config.max_seq_length: {max_length} is above the provider's limit of {limits.max_seq_length}"
         )

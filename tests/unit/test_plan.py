@@ -1,0 +1,42 @@
+import pytest
+
+from llama_stack_provider_trl.api.models import TrainingConfig
+from llama_stack_provider_trl.config import Limits, TrlPostTrainingConfig
+from llama_stack_provider_trl.plan import make_plan
+
+
+def tc(**kw):
+    return TrainingConfig.model_validate({"dataset": "d", **kw})
+
+
+def test_steps_are_epochs_times_capped_batches():
+    config = TrlPostTrainingConfig()
+    assert make_plan(tc(n_epochs=1, max_steps_per_epoch=100, batch_size=4), 16, config).max_steps == 4
+    assert make_plan(tc(n_epochs=3, max_steps_per_epoch=2, batch_size=4), 16, config).max_steps == 6
+    # accumulation: 17 rows, batch 2 -> 9 batches -> 3 optimizer steps of 4 batches (last partial)
+    assert make_plan(tc(max_steps_per_epoch=100, batch_size=2, gradient_accumulation_steps=4), 17, config).max_steps == 3
+
+
+def test_provider_defaults_fill_what_the_request_leaves_out():
+    config = TrlPostTrainingConfig(weight_decay=0.05, warmup_ratio=0.25, max_seq_length=512, gradient_checkpointing=True)
+    plan = make_plan(tc(n_epochs=1, max_steps_per_epoch=8, batch_size=1), 100, config)
+    assert (plan.weight_decay, plan.warmup_steps, plan.max_length, plan.gradient_checkpointing) == (0.05, 2, 512, True)
+    plan = make_plan(tc(max_seq_length=64, optimizer_config={"weight_decay": 0.0, "num_warmup_steps": 1},
+                        efficiency_config={"enable_activation_checkpointing": False}), 10, config)
+    assert (plan.weight_decay, plan.warmup_steps, plan.max_length, plan.gradient_checkpointing) == (0.0, 1, 64, False)
+
+
+def test_limits_are_enforced_with_the_field_named():
+    config = TrlPostTrainingConfig(limits=Limits(max_total_steps=10, max_seq_length=128))
+    with pytest.raises(ValueError, match="max_total_steps"):
+        make_plan(tc(n_epochs=11, max_steps_per_epoch=1), 100, config)
+    with pytest.raises(ValueError, match="training_config.max_seq_length"):
+        make_plan(tc(max_seq_length=4096), 100, config)
+
+
+def test_unused_settings_are_reported():
+    plan = make_plan(tc(optimizer_config={"optimizer_type": "adam"},
+                        efficiency_config={"fsdp_cpu_offload": True}), 4, TrlPostTrainingConfig())
+    assert any("adam" in w for w in plan.warnings)
+    assert any("fsdp_cpu_offload" in w for w in plan.warnings)
+    assert make_plan(tc(optimizer_config={"optimizer_type": "sgd"}), 4, TrlPostTrainingConfig()).optim == "sgd"
