@@ -10,11 +10,13 @@ All of them call the same implementation. ``create_router`` is also called with
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from .models import (
@@ -28,6 +30,8 @@ from .models import (
     SupervisedFineTuneRequest,
 )
 from .protocol import PostTraining
+
+log = logging.getLogger(__name__)
 
 
 def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
@@ -44,8 +48,12 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
 
 
 class ReadableValidationRoute(APIRoute):
-    """Checks the body size, and turns FastAPI's validation error into a ValueError,
-    which Llama Stack answers with a 400 whose message names the fields."""
+    """Answers every error itself, in Llama Stack's {"error": {"message": ...}} shape.
+
+    Validation errors become a 400 whose message names the fields. Errors left to the
+    server's catch-all Exception handler get answered but then re-raised by Starlette,
+    which leaves keep-alive clients waiting, so they are translated here instead.
+    """
 
     max_body_bytes: Callable[[], int | None] = staticmethod(lambda: None)
 
@@ -56,14 +64,25 @@ class ReadableValidationRoute(APIRoute):
         async def route_handler(request: Request) -> Response:
             limit = max_body_bytes()
             if limit is not None and request.method == "POST" and len(await request.body()) > limit:
-                raise HTTPException(status_code=413, detail=f"request body is larger than the provider's "
-                                    f"limits.max_request_bytes ({limit} bytes)")
+                return error_response(413, f"request body is larger than the provider's limits.max_request_bytes "
+                                           f"({limit} bytes)")
             try:
                 return await handler(request)
             except RequestValidationError as exc:
-                raise ValueError(describe_validation_errors(list(exc.errors()))) from None
+                return error_response(400, describe_validation_errors(list(exc.errors())))
+            except Exception as exc:
+                from llama_stack.core.exceptions.translation import translate_exception
+
+                http = translate_exception(exc)
+                if http.status_code >= 500:
+                    log.exception("post_training request failed")
+                return error_response(http.status_code, str(http.detail))
 
         return route_handler
+
+
+def error_response(status_code: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status_code, content={"error": {"message": message}})
 
 
 JobUuidQuery = Annotated[str, Query(description="The job's UUID.", min_length=1, max_length=128)]
