@@ -2,7 +2,8 @@
 
 Llama Stack's LoRA config speaks torchtune's names (q_proj, k_proj, v_proj,
 output_proj; MLP; output). Hugging Face models name their modules per
-architecture. The model's linear layers are read from its safetensors header
+architecture. apply_lora_to_output names the output layer, which the recipes
+train in full rather than through an adapter (TRL reads lm_head.weight directly). The model's linear layers are read from its safetensors header
 (no torch needed), so a request naming a module the model lacks is a 400 that
 lists the ones it has, before the job is accepted.
 """
@@ -72,6 +73,7 @@ def lora_target_modules(lora: LoraFinetuningConfig, available: set[str]) -> list
         if not out:
             raise ValueError("algorithm_config.apply_lora_to_output: the model has no separate output projection")
         targets.extend(out)
-    if not targets:
-        raise ValueError("algorithm_config: LoRA needs at least one of lora_attn_modules, apply_lora_to_mlp, apply_lora_to_output")
+    if not any(t not in OUTPUT_NAMES for t in targets):
+        # apply_lora_to_output trains the output layer in full (recipes/lora.py), so it adds no adapter
+        raise ValueError("algorithm_config: LoRA needs at least one of lora_attn_modules or apply_lora_to_mlp")
     return sorted(set(targets))

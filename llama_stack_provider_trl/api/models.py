@@ -163,7 +163,11 @@ class LoraFinetuningConfig(_Strict):
         "model's module names.",
     )
     apply_lora_to_mlp: bool = False
-    apply_lora_to_output: bool = False
+    apply_lora_to_output: bool = Field(
+        default=False,
+        description="Also train the output layer, in full: TRL computes log-probs from its weight directly, so it "
+        "cannot carry an adapter. The trained layer is saved inside the adapter.",
+    )
     rank: int = Field(default=8, ge=1, le=1024)
     alpha: int = Field(default=16, ge=1)
     use_dora: bool | None = False

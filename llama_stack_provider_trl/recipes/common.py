@@ -48,8 +48,9 @@ def resolve_device(ctx: JobContext) -> tuple[str, str, list[str]]:
     return device, dtype, warnings
 
 
-def load_model_and_tokenizer(model_ref: str, ctx: JobContext):
-    """A local directory, or a hub id for users who have the hub; a clear error offline."""
+def load_model_and_tokenizer(model_ref: str, ctx: JobContext, **model_kwargs: Any):
+    """A local directory, or a hub id for users who have the hub; a clear error offline.
+    model_kwargs go to from_pretrained (a quantization_config, say)."""
     local = Path(model_ref).expanduser()
     kwargs: dict[str, Any] = {"trust_remote_code": ctx.config.trust_remote_code}
     if not local.is_dir():
@@ -59,7 +60,7 @@ def load_model_and_tokenizer(model_ref: str, ctx: JobContext):
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else model_ref, **kwargs)
         # fp32 master weights: on the CPU that is the fast path; on GPUs autocast does bf16/fp16
         model = AutoModelForCausalLM.from_pretrained(
-            str(local) if local.is_dir() else model_ref, dtype=torch.float32, **kwargs
+            str(local) if local.is_dir() else model_ref, **{"dtype": torch.float32, **kwargs, **model_kwargs}
         )
     except OSError as exc:
         if local.is_dir():
@@ -122,6 +123,8 @@ class JobCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         self.metrics.update({k: float(v) for k, v in logs.items() if k in REPORTED_METRICS and _finite(v)})
+        if "eval_loss" in logs and _finite(logs["eval_loss"]):
+            self.metrics["perplexity"] = perplexity(float(logs["eval_loss"]))
         elapsed = time.monotonic() - self.started
         fields: dict[str, Any] = {"metrics": dict(self.metrics), "elapsed_seconds": round(elapsed, 3)}
         if "loss" in logs:
@@ -211,8 +214,12 @@ def final_metric(state, ctx: JobContext) -> PostTrainingMetric:
     )
     if eval_logs:
         metric.validation_loss = float(eval_logs[-1]["eval_loss"])
-        metric.perplexity = math.exp(min(metric.validation_loss, 50.0))
+        metric.perplexity = perplexity(metric.validation_loss)
     return metric
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped: a diverged run reports a large number, not inf
 
 
 def finish(ctx: JobContext) -> None:

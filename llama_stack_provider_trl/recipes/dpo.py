@@ -17,23 +17,42 @@ from ..api.models import Checkpoint, PreferenceOptimizeRequest
 from ..data import read_jsonl
 from . import common
 from .context import JobContext
-from .lora import peft_config_for
+from .lora import peft_config_for, quantized_loading
 
 
 def train(ctx: JobContext) -> list[Checkpoint]:
     request = PreferenceOptimizeRequest.model_validate(ctx.request)
-    algo = request.algorithm_config
     device, precision, warnings = common.resolve_device(ctx)
     ctx.report(persist=True, phase="loading", warnings=warnings,
                resources_allocated={"device": device, "precision": precision})
 
-    model, tokenizer = common.load_model_and_tokenizer(request.finetuned_model, ctx)
+    model, tokenizer = common.load_model_and_tokenizer(
+        request.finetuned_model, ctx, **quantized_loading(request.algorithm_config.lora, device, precision))
     ctx.raise_if_stopped()
 
+    trainer = build_trainer(ctx, model, tokenizer, device, precision)
+    ctx.raise_if_stopped()
+
+    common.run_training(trainer, ctx)
+    lora = request.algorithm_config.lora is not None
+    checkpoint = common.save_final(trainer, ctx, kind="adapter" if lora else "model")
+    checkpoints = [checkpoint]
+    if lora and ctx.config.save_merged_model:
+        from .lora import save_merged
+
+        checkpoints.append(save_merged(trainer, ctx, checkpoint.training_metrics, adapter=checkpoint))
+    common.finish(ctx)
+    return checkpoints
+
+
+def build_trainer(ctx: JobContext, model, tokenizer, device: str, precision: str) -> DPOTrainer:
+    algo = PreferenceOptimizeRequest.model_validate(ctx.request).algorithm_config
     dataset = Dataset.from_list(read_jsonl(ctx.data_dir / "train.jsonl"))
     precompute = algo.precompute_ref_log_probs
     if precompute is None:
         precompute = not ctx.config.use_reference_model
+    # With LoRA, TRL leaves ref_model None and runs the reference pass with the adapter
+    # disabled: the base weights are held once, and there is nothing to precompute.
     peft_config = peft_config_for(model, algo.lora) if algo.lora else None
 
     args = DPOConfig(
@@ -46,7 +65,7 @@ def train(ctx: JobContext) -> list[Checkpoint]:
         activation_offloading=ctx.plan.activation_offloading,
         dataset_num_proc=None,
     )
-    trainer = DPOTrainer(
+    return DPOTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -54,14 +73,3 @@ def train(ctx: JobContext) -> list[Checkpoint]:
         peft_config=peft_config,
         callbacks=[common.JobCallback(ctx)],
     )
-    ctx.raise_if_stopped()
-
-    common.run_training(trainer, ctx)
-    checkpoint = common.save_final(trainer, ctx, kind="adapter" if peft_config else "model")
-    checkpoints = [checkpoint]
-    if peft_config and ctx.config.save_merged_model:
-        from .lora import save_merged
-
-        checkpoints.append(save_merged(trainer, ctx, checkpoint.training_metrics))
-    common.finish(ctx)
-    return checkpoints
