@@ -10,6 +10,8 @@ exactly what was validated.
 from __future__ import annotations
 
 import json
+import math
+import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -144,9 +146,15 @@ def preference_rows(rows: list[dict], fmt: PreferenceFormat) -> list[dict]:
 # ---- supervised fine-tuning rows -------------------------------------------------------------
 
 
+def _has(row: dict, key: str) -> bool:
+    """Registered datasets come back as a table: a field a row lacks reads as None or NaN."""
+    value = row.get(key)
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
 def _instruct_pair(row: dict) -> tuple[str, str] | None:
     for prompt_key, completion_key in INSTRUCT_KEYS:
-        if prompt_key in row and completion_key in row:
+        if _has(row, prompt_key) and _has(row, completion_key):
             return prompt_key, completion_key
     return None
 
@@ -156,20 +164,24 @@ def sft_format(rows: list[dict], field: str, declared: str | None) -> SFTFormat:
     fmt: SFTFormat | None = declared  # type: ignore[assignment]
     for index, row in enumerate(rows):
         where = f"{field}: row {index}"
-        row_fmt: SFTFormat | None = "dialog" if "messages" in row else ("instruct" if _instruct_pair(row) else None)
+        row_fmt: SFTFormat | None = "dialog" if _has(row, "messages") else ("instruct" if _instruct_pair(row) else None)
         if row_fmt is None:
-            raise DataError(f"{where} fits no format (keys: {', '.join(sorted(row)) or 'none'}); accepted: {accepted}")
+            keys = ", ".join(sorted(k for k in row if _has(row, k))) or "none"
+            raise DataError(f"{where} fits no format (keys: {keys}); accepted: {accepted}")
         if fmt is None:
             fmt = row_fmt
         if row_fmt != fmt:
             raise DataError(f"{where} is {row_fmt} data but the dataset is {fmt}; accepted: {accepted}")
-        if fmt == "dialog":
-            _check_messages(row["messages"], f"{where}: field 'messages'")
-            if not any(m["role"] == "assistant" for m in row["messages"]):
-                raise DataError(f"{where}: field 'messages' has no assistant message to learn from")
-        else:
-            for key in _instruct_pair(row):
-                _check_text(row, key, where)
+        try:
+            if fmt == "dialog":
+                _check_messages(row["messages"], f"{where}: field 'messages'")
+                if not any(m["role"] == "assistant" for m in row["messages"]):
+                    raise DataError(f"{where}: field 'messages' has no assistant message to learn from")
+            else:
+                for key in _instruct_pair(row):
+                    _check_text(row, key, where)
+        except DataError as exc:
+            raise DataError(f"{exc}; accepted: {accepted}") from None
     assert fmt is not None
     return fmt
 
@@ -183,6 +195,17 @@ def sft_rows(rows: list[dict], fmt: SFTFormat) -> list[dict]:
         prompt_key, completion_key = _instruct_pair(row)
         out.append({"prompt": row[prompt_key], "completion": row[completion_key]})
     return out
+
+
+def hold_out(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, validation): a fraction of the rows, at least one, for validation; at least one
+    row stays for training. Chosen by a fixed seed, so the same data always splits the same way,
+    and spread over the dataset, since datasets are often sorted."""
+    if len(rows) < 2 or fraction <= 0:
+        return rows, []
+    n_validation = min(max(1, round(len(rows) * fraction)), len(rows) - 1)
+    picked = set(random.Random(0).sample(range(len(rows)), n_validation))
+    return ([r for i, r in enumerate(rows) if i not in picked], [r for i, r in enumerate(rows) if i in picked])
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:

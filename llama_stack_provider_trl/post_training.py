@@ -25,6 +25,7 @@ from .api.models import (
 from .config import TrlPostTrainingConfig
 from .data import (
     DataError,
+    hold_out,
     load_rows,
     preference_format,
     preference_rows,
@@ -83,6 +84,8 @@ class TrlPostTrainingImpl:
         warnings = request.algorithm_config.ignored_fields()
         model_dir = self._check_model(request.finetuned_model, "finetuned_model")
         if request.algorithm_config.lora is not None:
+            if request.algorithm_config.lora.quantize_base:
+                self._check_quantize_base()
             self._check_lora(model_dir, request.algorithm_config.lora, "algorithm_config.lora")
 
         async def rows_for(dataset_id: str, field: str) -> list[dict]:
@@ -106,15 +109,20 @@ class TrlPostTrainingImpl:
         warnings = ["checkpoint_dir ignored: artifacts are written under the provider's output_dir"] \
             if request.checkpoint_dir else []
         declared = request.training_config.data_config.data_format
+        formats: list[str] = []  # the training set's, which the validation set must share
 
         async def rows_for(dataset_id: str, field: str) -> list[dict]:
             rows = await self._rows(dataset_id, field)
-            return sft_rows(rows, sft_format(rows, field, declared.value if declared else None))
+            fmt = sft_format(rows, field, declared.value if declared else (formats[0] if formats else None))
+            formats.append(fmt)
+            return sft_rows(rows, fmt)
 
         resolved = request.model_copy(update={"model": model})
-        return await self._submit("sft", resolved, request.training_config, rows_for, warnings)
+        return await self._submit("sft", resolved, request.training_config, rows_for, warnings,
+                                  hold_out_fraction=self.config.validation_fraction)
 
-    async def _submit(self, method: str, request: Any, tc: TrainingConfig, rows_for, warnings: list[str]) -> PostTrainingJob:
+    async def _submit(self, method: str, request: Any, tc: TrainingConfig, rows_for, warnings: list[str],
+                      hold_out_fraction: float = 0.0) -> PostTrainingJob:
         assert self.table is not None and self.scheduler is not None
         job_uuid = request.job_uuid
         self.table.reserve(job_uuid)  # 409 for a duplicate, before any work
@@ -133,6 +141,16 @@ class TrlPostTrainingImpl:
             if data_config.validation_dataset_id:
                 validation = await rows_for(data_config.validation_dataset_id,
                                             "training_config.data_config.validation_dataset_id")
+            elif hold_out_fraction > 0:
+                # split here, not in the job, so the plan counts the rows actually trained on
+                n_rows = len(train)
+                train, validation = hold_out(train, hold_out_fraction)
+                if validation:
+                    warnings.append(f"validation: {len(validation)} of {n_rows} training rows held out "
+                                    f"(the provider's validation_fraction, {hold_out_fraction})")
+                else:
+                    warnings.append(f"validation: none, {n_rows} training row(s) are too few to hold any out")
+                    validation = None
             plan = make_plan(tc, len(train), self.config)
             warnings.extend(plan.warnings)
 
