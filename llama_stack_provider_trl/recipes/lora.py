@@ -71,10 +71,10 @@ def save_merged(trainer, ctx: JobContext, metric: PostTrainingMetric | None, ada
 
 
 def _unquantized_with_adapter(model, adapter: Checkpoint, ctx: JobContext):
-    """Merging into 4-bit weights would round the base model; merge into a 16-bit copy of it instead."""
+    """Merging into 4-bit weights would round the base model; merge into a copy in its stored dtype instead."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base_ref = model.peft_config["default"].base_model_name_or_path
-    base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=torch.bfloat16, trust_remote_code=ctx.config.trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(base_ref, dtype="auto", trust_remote_code=ctx.config.trust_remote_code)
     return PeftModel.from_pretrained(base, adapter.path)
