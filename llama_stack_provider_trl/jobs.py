@@ -84,6 +84,7 @@ class JobTable:
         self._lock = threading.Lock()
         self._reserved: set[str] = set()
         self._loop = asyncio.new_event_loop()
+        self._write_lock = asyncio.Lock()
         self._writer = threading.Thread(target=self._loop.run_forever, name="trl-jobstore", daemon=True)
         self._writer.start()
 
@@ -97,7 +98,13 @@ class JobTable:
 
     def _persist(self, record: JobRecord) -> Future:
         payload = record.model_dump_json()
-        return asyncio.run_coroutine_threadsafe(self._kvstore.set(KEY_PREFIX + record.job_uuid, payload), self._loop)
+        return asyncio.run_coroutine_threadsafe(self._write(record.job_uuid, payload), self._loop)
+
+    async def _write(self, job_uuid: str, payload: str) -> None:
+        # Each write is its own task; without the lock, a later state could commit before an
+        # earlier one and be overwritten by it. asyncio.Lock wakes waiters in FIFO order.
+        async with self._write_lock:
+            await self._kvstore.set(KEY_PREFIX + job_uuid, payload)
 
     def snapshot(self, job_uuid: str) -> JobRecord:
         with self._lock:
