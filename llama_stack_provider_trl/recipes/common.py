@@ -4,8 +4,10 @@ save the final model as an artifact. Imports torch and transformers."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +21,26 @@ from ..jobs import now
 from .context import JobCancelled, JobContext, JobInterrupted
 
 log = logging.getLogger(__name__)
+
+
+def _freeze_long_lived_objects() -> None:
+    """Once, when the first job imports the recipes: collect, then move every object alive now (the server,
+    torch, transformers, TRL: about half a million) out of the garbage collector's reach. Otherwise each
+    full collection walks them all, holding the GIL for 0.2-0.3 s: a stall in training and in every status
+    request made meanwhile (measured in bench/RESULTS.md). Objects made later, the jobs' own, are collected as usual."""
+    gc.collect()
+    gc.freeze()
+
+
+_freeze_long_lived_objects()
+
+# torch's intra-op thread count as it was when the first job imported this module (in the training thread).
+DEFAULT_CPU_THREADS = torch.get_num_threads()
+# Models narrower than this train on one CPU thread: their ops are too small to split across cores, and the
+# OpenMP barrier of every op costs more than it saves, and far more when the server's own threads (status requests)
+# or other processes take a core. Measured on 2 cores (bench/RESULTS.md): the tiny preset (hidden 64) trains
+# 5-8x faster with one thread; the 34m preset (hidden 512) gains a little from two.
+SMALL_HIDDEN_SIZE = 256
 
 # Metrics worth showing in status; TRL logs many more.
 REPORTED_METRICS = (
@@ -48,6 +70,18 @@ def resolve_device(ctx: JobContext) -> tuple[str, str, list[str]]:
     return device, dtype, warnings
 
 
+def configure_cpu_threads(model, device: str) -> int:
+    """Intra-op threads for this job (set in the training thread, where the forward and backward run):
+    one for small models, torch's default otherwise. Returns the count used."""
+    if device != "cpu":
+        return torch.get_num_threads()
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    threads = 1 if hidden is not None and hidden < SMALL_HIDDEN_SIZE else DEFAULT_CPU_THREADS
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def load_model_and_tokenizer(model_ref: str, ctx: JobContext, **model_kwargs: Any):
     """A local directory, or a hub id for users who have the hub; a clear error offline.
     model_kwargs go to from_pretrained (a quantization_config, say)."""
@@ -67,7 +101,7 @@ def load_model_and_tokenizer(model_ref: str, ctx: JobContext, **model_kwargs: An
             raise RuntimeError(f"could not load the model in {local}: {exc}") from None
         raise RuntimeError(
             f"'{model_ref}' is not a local model directory, and it could not be fetched from the Hugging Face hub "
-            f"(no network access to the hub from this server?): {exc}"
+            f"({'HF_HUB_OFFLINE is set' if os.environ.get('HF_HUB_OFFLINE') else 'no network access to the hub?'}): {exc}"
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -92,6 +126,7 @@ def trainer_arguments(ctx: JobContext, device: str, precision: str) -> dict[str,
         use_cpu=device == "cpu",
         logging_steps=plan.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # the default hides a NaN loss as 0.0; the job must fail instead
         save_strategy="steps",
         save_steps=plan.save_steps,
         save_total_limit=1,
@@ -167,6 +202,7 @@ def _finite(value: Any) -> bool:
 
 
 def run_training(trainer, ctx: JobContext) -> None:
+    configure_cpu_threads(trainer.model, next(trainer.model.parameters()).device.type)
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     if trainer.state.global_step < trainer.state.max_steps:
         ctx.raise_if_stopped()  # stopped early by cancel or shutdown; a finished run is saved regardless
@@ -228,6 +264,6 @@ def finish(ctx: JobContext) -> None:
 
 
 __all__ = [
-    "JobCallback", "JobCancelled", "JobInterrupted", "load_model_and_tokenizer", "resolve_device",
+    "JobCallback", "JobCancelled", "JobInterrupted", "configure_cpu_threads", "load_model_and_tokenizer", "resolve_device",
     "run_training", "save_final", "trainer_arguments", "finish", "final_metric", "checkpoint_record",
 ]

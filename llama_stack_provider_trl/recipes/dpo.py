@@ -28,6 +28,9 @@ def train(ctx: JobContext) -> list[Checkpoint]:
 
     model, tokenizer = common.load_model_and_tokenizer(
         request.finetuned_model, ctx, **quantized_loading(request.algorithm_config.lora, device, precision))
+    if device == "cpu":  # before build_trainer: a precompute_ref_log_probs pass runs inside it
+        threads = common.configure_cpu_threads(model, device)
+        ctx.report(persist=True, resources_allocated={"device": device, "precision": precision, "cpu_threads": threads})
     ctx.raise_if_stopped()
 
     trainer = build_trainer(ctx, model, tokenizer, device, precision)
