@@ -72,7 +72,8 @@ class StackServer:
 
     def start(self, timeout: float = 90) -> StackServer:
         self.write_config()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        # tests never reach the Hugging Face hub: offline mode makes hub ids fail at once, without traffic
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         log = self.log_path.open("a")
         self.process = subprocess.Popen(
             [llama_cli(), "stack", "run", str(self.config_path), "--port", str(self.port)],
