@@ -130,7 +130,12 @@ def preference_format(rows: list[dict], field: str) -> PreferenceFormat:
             for key in ("prompt", "chosen", "rejected"):
                 _check_text(row, key, where)
         else:
-            if "prompt" in row and row["prompt"] is not None:
+            has_prompt = row.get("prompt") is not None
+            if has_prompt != (first.get("prompt") is not None):
+                # TRL extracts an implicit prompt only when the whole dataset has none
+                raise DataError(f"{where}: {'has' if has_prompt else 'has no'} field 'prompt' but row 0 "
+                                f"{'has none' if has_prompt else 'has one'}; give a prompt in every row or in none")
+            if has_prompt:
                 _check_messages(row["prompt"], f"{where}: field 'prompt'")
             _check_messages(row["chosen"], f"{where}: field 'chosen'")
             _check_messages(row["rejected"], f"{where}: field 'rejected'")

@@ -38,13 +38,14 @@ class StackServer:
     """
 
     def __init__(self, root: Path, provider: dict[str, Any] | None = None, port: int | None = None,
-                 extra_roots: list[Path] | None = None) -> None:
+                 extra_roots: list[Path] | None = None, run_overrides: dict[str, Any] | None = None) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.provider_overrides = provider or {}
         self.extra_roots = extra_roots or []
+        self.run_overrides = run_overrides or {}
         self.process: subprocess.Popen | None = None
         self.log_path = root / "server.log"
         self.config_path = root / "run.yaml"
@@ -67,6 +68,7 @@ class StackServer:
         run["providers"]["post_training"][0]["config"] = self.provider_config()
         for backend in run["storage"]["backends"].values():
             backend["db_path"] = str(self.root / Path(backend["db_path"]).name)
+        run.update(self.run_overrides)
         self.config_path.write_text(yaml.safe_dump(run, sort_keys=False))
         return self.config_path
 

@@ -63,6 +63,13 @@ def test_bad_conversational_rows_are_named(row, expected):
         preference_format([CONVERSATIONAL, row], F)
 
 
+def test_conversational_prompts_are_all_or_nothing():
+    with pytest.raises(DataError, match="row 1: has no field 'prompt' but row 0 has one"):
+        preference_format([CONVERSATIONAL, IMPLICIT], F)
+    with pytest.raises(DataError, match="row 1: has field 'prompt' but row 0 has none"):
+        preference_format([IMPLICIT, CONVERSATIONAL], F)
+
+
 def test_sft_formats_and_aliases():
     rows = [{"question": "Q", "answer": "A"}, {"input": "I", "output": "O"}, {"prompt": "P", "completion": "C"}]
     assert sft_format(rows, F, None) == "instruct"
