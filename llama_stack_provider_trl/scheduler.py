@@ -8,6 +8,7 @@ reach the running job through events its TrainerCallback checks every step.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import queue
@@ -177,7 +178,8 @@ def _describe(exc: BaseException) -> str:
     text = str(exc).strip() or "no message"
     if type(exc).__name__ in ("OutOfMemoryError",) or "out of memory" in text.lower():
         return f"out of memory: {text}"
-    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
+    # safetensors reports ENOSPC as its own error type, so match the OS's message too
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in text:
         return f"disk full while writing: {text}"
     return f"{type(exc).__name__}: {text}"
 

@@ -91,3 +91,34 @@ def test_twenty_jobs_at_once_run_one_at_a_time_in_order(server, tiny_model, seed
     for earlier, later in zip(finals, finals[1:]):
         assert earlier["started_at"] < later["started_at"]  # submission order
         assert earlier["completed_at"] <= later["started_at"]  # one at a time
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 KiB tmpfs: room for a job's data snapshot, not for the tiny model's 560 KB of weights."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_while_saving_fails_the_job_cleanly(workspace, tiny_model, seed_file, small_disk):
+    from stack_server import StackServer
+
+    server = StackServer(workspace / "disk-full", provider={"output_dir": str(small_disk)},
+                         extra_roots=[workspace]).start()
+    try:
+        submit(server, "no-room", tiny_model, seed_file)
+        failed = server.wait("no-room")
+        assert failed["status"] == "failed", failed
+        assert failed["error"].startswith("disk full while writing"), failed["error"]
+        assert failed["checkpoints"] == []
+        leftovers = {p.name for p in (small_disk / "no-room").iterdir()}
+        assert leftovers == {"data"}, leftovers  # no half-written model left behind
+        assert httpx.get(f"{server.url}/v1/health").status_code == 200
+    finally:
+        server.stop()
