@@ -1,6 +1,7 @@
 """What the request and the provider config say is what TRL does."""
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -62,13 +63,20 @@ def test_precomputed_reference_and_cpu_dtype(server, tiny_model, seed_file):
     assert status["progress"]["loss"] is not None
 
 
+def torch_loaded(server) -> bool:
+    maps = Path(f"/proc/{server.process.pid}/maps").read_text()
+    return "libtorch_cpu" in maps or "libtorch_cuda" in maps
+
+
 def test_providers_d_registration_still_works(workspace, tiny_model, seed_file):
     server = StackServer(workspace / "providers-d", extra_roots=[workspace],
                          run_overrides={"external_providers_dir": str(REPO / "providers.d")}).start()
     try:
         providers = httpx.get(f"{server.url}/v1/providers").json()["data"]
         assert any(p["provider_type"] == "inline::trl" for p in providers)
+        assert not torch_loaded(server), "torch was imported at server start-up"
         run_job(server, "via-providers-d", tiny_model, seed_file, max_steps_per_epoch=1)
+        assert torch_loaded(server)  # by the first job, in the training thread
     finally:
         server.stop()
 
