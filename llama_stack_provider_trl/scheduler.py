@@ -116,6 +116,7 @@ class Scheduler:
         ctx = JobContext(
             job_uuid=record.job_uuid,
             job_dir=job_dir,
+            method=record.method,
             request=record.request,
             config=self.config,
             plan=self.plan_for(record),

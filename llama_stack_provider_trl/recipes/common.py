@@ -141,6 +141,35 @@ def trainer_arguments(ctx: JobContext, device: str, precision: str) -> dict[str,
     return args
 
 
+def validation_dataset(ctx: JobContext):
+    """The job's validation rows (the request's validation set, or rows held out at submit time),
+    at most max_validation_steps batches of them; None when the job has none."""
+    from datasets import Dataset
+
+    from ..data import read_jsonl
+
+    path = ctx.data_dir / "validation.jsonl"
+    if not path.is_file():
+        return None
+    rows = read_jsonl(path)
+    if ctx.plan.max_validation_steps:
+        rows = rows[: ctx.plan.max_validation_steps * ctx.plan.batch_size]
+    return Dataset.from_list(rows)
+
+
+def evaluation_arguments(ctx: JobContext, validation) -> dict[str, Any]:
+    """Evaluate once per epoch. An epoch is max_steps_per_epoch steps, which can end before a pass
+    over the data does, so epochs are counted in steps rather than with eval_strategy="epoch"."""
+    if validation is None:
+        return {"eval_strategy": "no"}
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": ctx.plan.steps_per_epoch,
+        "per_device_eval_batch_size": ctx.plan.batch_size,
+        "prediction_loss_only": True,  # else a second forward pass per batch computes logits nobody reads
+    }
+
+
 class JobCallback(TrainerCallback):
     """Progress into the job record; cancel and shutdown out of it."""
 
@@ -158,7 +187,7 @@ class JobCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         self.metrics.update({k: float(v) for k, v in logs.items() if k in REPORTED_METRICS and _finite(v)})
-        if "eval_loss" in logs and _finite(logs["eval_loss"]):
+        if "eval_loss" in logs and _finite(logs["eval_loss"]) and self.ctx.method == "sft":
             self.metrics["perplexity"] = perplexity(float(logs["eval_loss"]))
         elapsed = time.monotonic() - self.started
         fields: dict[str, Any] = {"metrics": dict(self.metrics), "elapsed_seconds": round(elapsed, 3)}
@@ -250,7 +279,8 @@ def final_metric(state, ctx: JobContext) -> PostTrainingMetric:
     )
     if eval_logs:
         metric.validation_loss = float(eval_logs[-1]["eval_loss"])
-        metric.perplexity = perplexity(metric.validation_loss)
+        if ctx.method == "sft":  # exp of a token cross-entropy; a DPO loss is not one
+            metric.perplexity = perplexity(metric.validation_loss)
     return metric
 
 

@@ -36,6 +36,7 @@ class JobContext:
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     shutdown_requested: threading.Event = field(default_factory=threading.Event)
     resume_from: Path | None = None
+    method: str = "dpo"
 
     @property
     def checkpoints_dir(self) -> Path:

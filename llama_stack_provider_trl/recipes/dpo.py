@@ -51,6 +51,7 @@ def train(ctx: JobContext) -> list[Checkpoint]:
 def build_trainer(ctx: JobContext, model, tokenizer, device: str, precision: str) -> DPOTrainer:
     algo = PreferenceOptimizeRequest.model_validate(ctx.request).algorithm_config
     dataset = Dataset.from_list(read_jsonl(ctx.data_dir / "train.jsonl"))
+    validation = common.validation_dataset(ctx)
     precompute = algo.precompute_ref_log_probs
     if precompute is None:
         precompute = not ctx.config.use_reference_model
@@ -67,11 +68,13 @@ def build_trainer(ctx: JobContext, model, tokenizer, device: str, precision: str
         trust_remote_code=ctx.config.trust_remote_code,
         activation_offloading=ctx.plan.activation_offloading,
         dataset_num_proc=None,
+        **common.evaluation_arguments(ctx, validation),
     )
     return DPOTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=validation,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[common.JobCallback(ctx)],

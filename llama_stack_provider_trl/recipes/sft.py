@@ -59,14 +59,7 @@ def build_trainer(ctx: JobContext, model, tokenizer, device: str, precision: str
     if dialog:
         _check_chat_template(tokenizer, assistant_only=mask_input)
 
-    # validation.jsonl is the request's validation set, or rows held out when the job was accepted
-    validation = None
-    validation_file = ctx.data_dir / "validation.jsonl"
-    if validation_file.is_file():
-        rows = read_jsonl(validation_file)
-        if plan.max_validation_steps:
-            rows = rows[: plan.max_validation_steps * plan.batch_size]
-        validation = Dataset.from_list(rows)
+    validation = common.validation_dataset(ctx)
 
     args = SFTConfig(
         **common.trainer_arguments(ctx, device, precision),
@@ -74,12 +67,7 @@ def build_trainer(ctx: JobContext, model, tokenizer, device: str, precision: str
         packing=bool(data_config.packed),
         completion_only_loss=mask_input and not dialog,
         assistant_only_loss=mask_input and dialog,
-        # an epoch is max_steps_per_epoch steps, which can end before a pass over the data does,
-        # so "each epoch" is counted in steps rather than with eval_strategy="epoch"
-        eval_strategy="steps" if validation is not None else "no",
-        eval_steps=plan.steps_per_epoch,
-        per_device_eval_batch_size=plan.batch_size,
-        prediction_loss_only=True,  # else TRL runs a second forward pass per eval batch for logits nobody reads
+        **common.evaluation_arguments(ctx, validation),
         trust_remote_code=ctx.config.trust_remote_code,
         activation_offloading=plan.activation_offloading,
         dataset_num_proc=None,

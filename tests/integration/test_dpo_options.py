@@ -89,3 +89,18 @@ def test_use_reference_model_false_trains_without_a_reference(workspace, tiny_mo
         assert status["progress"]["loss"] == pytest.approx(1.0, rel=1e-3)  # dpo_beta 0.5 applied
     finally:
         server.stop()
+
+
+def test_dpo_evaluates_the_validation_set_each_epoch(server, tiny_model, seed_file):
+    request = dpo_request("dpo-validation", str(tiny_model), str(seed_file), n_epochs=2, max_steps_per_epoch=2)
+    request["training_config"]["data_config"] = {"dataset_id": request["training_config"].pop("dataset"),
+                                                 "batch_size": request["training_config"].pop("batch_size"),
+                                                 "validation_dataset_id": str(seed_file)}
+    request["training_config"]["max_validation_steps"] = 2
+    r = httpx.post(f"{server.url}/v1/post-training/preference-optimize", json=request, timeout=30)
+    assert r.status_code == 200, r.text
+    status = server.wait("dpo-validation")
+    assert status["status"] == "completed", status
+    metrics = status["checkpoints"][0]["training_metrics"]
+    assert metrics["validation_loss"] == pytest.approx(status["progress"]["metrics"]["eval_loss"])
+    assert metrics["perplexity"] is None  # exp(DPO loss) means nothing
