@@ -28,7 +28,8 @@ JOB = dict(
 DATASET_ID = "bench-prefs"
 
 
-def request_body(job_uuid: str, model: Path, steps: int, batch_size: int | None = None, **algo) -> dict:
+def request_body(job_uuid: str, model: Path, steps: int, batch_size: int | None = None,
+                 training_extra: dict | None = None, **algo) -> dict:
     """The bench job as a post_training request: 2 epochs x 10 steps = 20 steps over 64 rows at batch 4."""
     batch_size = batch_size or JOB["batch_size"]
     per_epoch = min(steps, max(1, JOB["rows"] // batch_size))
@@ -46,6 +47,7 @@ def request_body(job_uuid: str, model: Path, steps: int, batch_size: int | None 
             "data_config": {"dataset_id": DATASET_ID, "batch_size": batch_size, "shuffle": JOB["shuffle"]},
             "optimizer_config": {"optimizer_type": "adamw", "lr": JOB["lr"], "weight_decay": JOB["weight_decay"],
                                  "num_warmup_steps": JOB["warmup_steps"]},
+            **(training_extra or {}),
         },
     }
 

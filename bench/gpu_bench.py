@@ -170,7 +170,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--preset", default="500m")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="rounds at the first batch size")
+    p.add_argument("--rounds-large", type=int, default=2, help="rounds at the other batch sizes")
+    p.add_argument("--warmup", action="store_true",
+                   help="one discarded plain TRL run first (a fresh machine's first CUDA process is slower)")
     p.add_argument("--batch-sizes", default="4,32", help="the bench job's batch, then a larger one that feeds the GPU")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu-bench")))
     p.add_argument("--work", type=Path, default=Path("/tmp/gpu-bench-work"))
@@ -208,8 +211,13 @@ def main() -> None:
 
     runs: list[dict] = []
     log = (args.out / "children.log").open("w")
+    if args.warmup:
+        res = run_child([sys.executable, str(BENCH / "plain_trl.py"), str(model), str(data), str(args.work / "warmup"),
+                         "--steps", "3", "--device", args.device], log)
+        subprocess.run(["rm", "-rf", str(args.work / "warmup")])
+        print(f"warm-up (discarded): {json.dumps({k: res.get(k) for k in ('error', 'wall_s', 'import_s')})}", flush=True)
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        for r in range(args.rounds if batch == int(args.batch_sizes.split(",")[0]) else 1):
+        for r in range(args.rounds if batch == int(args.batch_sizes.split(",")[0]) else args.rounds_large):
             order = ("provider", "plain") if r % 2 == 0 else ("plain", "provider")
             for side in order:
                 job_root = args.work / f"{side}-b{batch}-r{r}"

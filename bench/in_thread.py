@@ -16,8 +16,15 @@ if __name__ == "__main__":
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        M_ARENA_MAX = -8
-        libc.mallopt(M_ARENA_MAX, 1)
+        fix = os.environ["BENCH_MALLOC_ARENA_FIX"]
+        if fix == "arena":
+            libc.mallopt(-8, 1)  # M_ARENA_MAX: threads share the main arena
+        elif fix == "thresholds":
+            ok = (libc.mallopt(-3, 512 * 2**20),  # M_MMAP_THRESHOLD: no mmap/munmap per large tensor
+                  libc.mallopt(-1, 1024 * 2**20))  # M_TRIM_THRESHOLD: keep freed memory instead of trimming it
+            print("mallopt", ok, file=sys.stderr)
+        elif fix == "trim":
+            print("mallopt", libc.mallopt(-1, 1024 * 2**20), file=sys.stderr)
     sys.argv = [str(Path(__file__).with_name("plain_trl.py")), *sys.argv[1:]]
     error = []
 

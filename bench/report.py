@@ -21,10 +21,6 @@ def main() -> None:
         print(f"Command: `.venv/bin/python {full['command'].split('bench/', 1)[-1] if 'bench/' in full['command'] else full['command']}`"
               .replace("python run.py", "python bench/run.py") + "\n")
         print(full["table"])
-        variants = full.get("plain_variants") or {}
-        for name, v in variants.items():
-            print(f"\nPlain TRL `{name}` (34m, 1 run): load+train+save {v['wall_s']:.1f} s, train {v['train_s']:.1f} s, "
-                  f"bf16={v['bf16']}, gradient_checkpointing={v['gradient_checkpointing']}")
         print()
     memory = latest("memory-*.json")
     if memory:

@@ -104,8 +104,8 @@ POLL_S = 1.0
 
 
 def run_provider_job(server: StackServer, model: Path, job_uuid: str, steps: int, probe: bool = False,
-                     **algo) -> dict:
-    body = request_body(job_uuid, model, steps, **algo)
+                     training_extra: dict | None = None, **algo) -> dict:
+    body = request_body(job_uuid, model, steps, training_extra=training_extra, **algo)
     t0_wall, t0 = time.time(), time.perf_counter()
     r = httpx.post(f"{server.url}/v1/post-training/preference-optimize", json=body, timeout=60)
     r.raise_for_status()
@@ -143,7 +143,8 @@ def run_provider_job(server: StackServer, model: Path, job_uuid: str, steps: int
 
 
 def provider_round(preset: str, model: Path, tag: str, steps: int, warm_jobs: int, probe: bool,
-                   provider_overrides: dict | None = None, algo: dict | None = None) -> dict:
+                   provider_overrides: dict | None = None, algo: dict | None = None,
+                   training_extra: dict | None = None, warmup_model: Path | None = None) -> dict:
     root = WORKSPACE / "servers" / tag
     shutil.rmtree(root, ignore_errors=True)
     server = StackServer(root, provider=provider_overrides or {}, extra_roots=[WORKSPACE]).start()
@@ -151,10 +152,14 @@ def provider_round(preset: str, model: Path, tag: str, steps: int, warm_jobs: in
         idle_rss = common.tree_rss(server.process.pid)
         server.register_rows(DATASET_ID, common.make_rows())
         jobs = []
+        imported_rss = None
+        if warmup_model is not None:  # a tiny job first: torch/TRL imported, so the baseline excludes them
+            run_provider_job(server, warmup_model, f"{tag}-warmup", 2)
+            imported_rss = common.tree_rss(server.process.pid)
         for i in range(1 + warm_jobs + int(probe)):
             kind = "first" if i == 0 else "warm"
             j = run_provider_job(server, model, f"{tag}-{i}", steps, probe=probe and i == warm_jobs + 1,
-                                 **(algo or {}))
+                                 training_extra=training_extra, **(algo or {}))
             j["kind"] = kind + ("+probe" if "status_latency" in j else "")
             log(f"  provider {preset} {j['kind']}: {j['wall_s']:.2f} s (train {j['train_s']} s), "
                 f"{j['bytes_written'] / 2**20:.1f} MiB, server peak RSS {j['server_peak_rss'] / 2**20:.0f} MiB"
@@ -166,6 +171,8 @@ def provider_round(preset: str, model: Path, tag: str, steps: int, warm_jobs: in
                 idle.run_idle()
                 idle_latency = idle.summary()
         extra = {"idle_status_latency": idle_latency} if probe else {}
+        if imported_rss is not None:
+            extra["imported_rss"] = imported_rss
         return {**extra, "preset": preset, "server_idle_rss": idle_rss, "server_peak_rss": common.tree_peak_rss(server.process.pid),
                 "jobs": jobs}
     finally:
@@ -312,36 +319,42 @@ def print_table(results: dict) -> str:
 # ---- memory mode --------------------------------------------------------------------------------
 
 
-MEMORY_VARIANTS = {
-    "full DPO, reference copy": {},
-    "precompute_ref_log_probs": {"precompute_ref_log_probs": True},
-    "LoRA (r=16, attention+MLP)": {"lora": {"rank": 16, "alpha": 32, "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"],
-                                            "apply_lora_to_mlp": True}},
+LORA = {"rank": 16, "alpha": 32, "lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True}
+CHECKPOINTING = {"efficiency_config": {"enable_activation_checkpointing": True}}
+MEMORY_VARIANTS = {  # name: (algorithm_config additions, training_config additions)
+    "full DPO, reference copy": ({}, {}),
+    "precompute_ref_log_probs": ({"precompute_ref_log_probs": True}, {}),
+    "LoRA (r=16, attention+MLP)": ({"lora": LORA}, {}),
+    "LoRA + activation checkpointing": ({"lora": LORA}, CHECKPOINTING),
+    "full DPO + activation checkpointing": ({}, CHECKPOINTING),
 }
 
 
 def memory_mode(preset: str, steps: int) -> dict:
     model = common.model_dir(preset)
     out = {"preset": preset, "steps": steps, "params": common.count_params(model), "variants": {}}
-    for name, algo in MEMORY_VARIANTS.items():
+    tiny = common.model_dir("tiny")
+    for name, (algo, training_extra) in MEMORY_VARIANTS.items():
         log(f"memory: {preset} {name}")
         res = provider_round(preset, model, f"mem-{preset}-{len(out['variants'])}", steps, warm_jobs=0, probe=False,
-                             algo=algo)
+                             algo=algo, training_extra=training_extra, warmup_model=tiny)
         job = res["jobs"][0]
         out["variants"][name] = {
             "server_peak_rss_mib": res["server_peak_rss"] / 2**20,
             "server_idle_rss_mib": res["server_idle_rss"] / 2**20,
-            "delta_mib": (res["server_peak_rss"] - res["server_idle_rss"]) / 2**20,
+            "imported_rss_mib": res["imported_rss"] / 2**20,
+            "delta_mib": (res["server_peak_rss"] - res["imported_rss"]) / 2**20,
             "wall_s": job["wall_s"], "train_s": job["train_s"], "bytes_written_mib": job["bytes_written"] / 2**20,
         }
         log(f"  peak {out['variants'][name]['server_peak_rss_mib']:.0f} MiB (idle {res['server_idle_rss'] / 2**20:.0f})")
     full = out["variants"]["full DPO, reference copy"]
     lines = [f"Reference-model memory, {preset} preset ({out['params']['total'] / 1e6:.0f}M parameters), "
-             f"{steps} steps, fresh server per variant", "",
-             "| variant | server peak RSS MiB | over idle MiB | vs full (over idle) | wall s | written MiB |",
-             "|---|---|---|---|---|---|"]
+             f"{steps} steps, fresh server per variant; baseline = the server's RSS after a 2-step tiny job "
+             "(torch, transformers, TRL imported)", "",
+             "| variant | server peak RSS MiB | baseline MiB | peak over baseline MiB | vs full DPO (over baseline) | wall s | written MiB |",
+             "|---|---|---|---|---|---|---|"]
     for name, v in out["variants"].items():
-        lines.append(f"| {name} | {v['server_peak_rss_mib']:.0f} | {v['delta_mib']:.0f} | "
+        lines.append(f"| {name} | {v['server_peak_rss_mib']:.0f} | {v['imported_rss_mib']:.0f} | {v['delta_mib']:.0f} | "
                      f"{v['delta_mib'] / full['delta_mib']:.2f} | {v['wall_s']:.1f} | {v['bytes_written_mib']:.1f} |")
     out["table"] = "\n".join(lines)
     print(out["table"])
