@@ -83,8 +83,9 @@ class PostTrainingClient:
     def cancel(self, job_uuid: str) -> None:
         self.client.post(f"{BASE}/job/cancel", body={"job_uuid": job_uuid}, cast_to=type(None))
 
-    def wait(self, job_uuid: str, timeout: float = 600, poll: float = 0.5) -> PostTrainingJobStatusResponse:
-        """Poll until the job is completed, failed or cancelled."""
+    def wait(self, job_uuid: str, timeout: float = 600, poll: float = 1.0) -> PostTrainingJobStatusResponse:
+        """Poll until the job is completed, failed or cancelled. Once a second is plenty: on a busy CPU every
+        status request takes time from the training threads (bench/RESULTS.md)."""
         deadline = time.monotonic() + timeout
         while True:
             status = self.status(job_uuid)

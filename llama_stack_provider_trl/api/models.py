@@ -114,8 +114,9 @@ class TrainingConfig(_Strict):
     efficiency_config: EfficiencyConfig | None = None
     dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
         default=None,
-        description="Mixed precision. bf16/fp16 only where the device supports them; fp32 on the CPU. "
-        "Absent: bf16 on a CUDA device that supports it, else fp32.",
+        description="Mixed precision (autocast; weights stay fp32). bf16/fp16 only where the device runs them "
+        "fast: on a CPU, bf16 needs AMX and fp16 is never used. Absent: bf16 on a GPU that supports it, and on an "
+        "AMX CPU for models with hidden size >= 256; else fp32.",
     )
     max_seq_length: int | None = Field(
         default=None, ge=8, description="Extension: token limit per sequence; the provider's max_seq_length when absent."
