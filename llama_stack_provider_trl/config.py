@@ -62,6 +62,11 @@ class TrlPostTrainingConfig(BaseModel):
         default_factory=lambda: ["."], description="Local dataset files must resolve (after symlinks) inside one of these."
     )
     trust_remote_code: bool = Field(default=False, description="Allow models that ship their own Python code.")
+    preload_training_libraries: bool = Field(
+        default=False,
+        description="Import torch, transformers and TRL in the training thread right after start-up, so the first "
+        "job starts as fast as later ones; costs about 1 GB of memory while idle. false: imported by the first job.",
+    )
     limits: Limits = Field(default_factory=Limits)
 
     default_model: str | None = Field(default=None, description="Model for supervised-fine-tune requests that name none.")

@@ -90,6 +90,12 @@ class Scheduler:
     # ---- the training thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.config.preload_training_libraries:
+            try:
+                for module in RECIPES.values():
+                    importlib.import_module(module)
+            except Exception:  # a broken install shows up again, with its message, in the first job
+                log.exception("preloading the training libraries failed")
         while True:
             job_uuid = self._queue.get()
             if job_uuid is None:

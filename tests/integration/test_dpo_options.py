@@ -107,3 +107,17 @@ def test_dpo_evaluates_the_validation_set_each_epoch(server, tiny_model, seed_fi
     metrics = status["checkpoints"][0]["training_metrics"]
     assert metrics["validation_loss"] == pytest.approx(status["progress"]["metrics"]["eval_loss"])
     assert metrics["perplexity"] is None  # exp(DPO loss) means nothing
+
+
+def test_preload_training_libraries_imports_them_after_start_up(workspace):
+    import time
+
+    server = StackServer(workspace / "preload", provider={"preload_training_libraries": True}).start()
+    try:
+        deadline = time.monotonic() + 60
+        while not torch_loaded(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert torch_loaded(server), "preload did not import torch"
+        assert httpx.get(f"{server.url}/v1/health").status_code == 200
+    finally:
+        server.stop()
