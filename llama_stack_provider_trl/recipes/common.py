@@ -270,6 +270,18 @@ def run_training(trainer, ctx: JobContext) -> None:
         ctx.raise_if_stopped()  # stopped early by cancel or shutdown; a finished run is saved regardless
 
 
+def save_artifacts(trainer, ctx: JobContext, lora: bool) -> list[Checkpoint]:
+    """The job's artifacts: the model (or LoRA adapter), plus the merged model where the provider asks for it."""
+    checkpoint = save_final(trainer, ctx, kind="adapter" if lora else "model")
+    checkpoints = [checkpoint]
+    if lora and ctx.config.save_merged_model:
+        from .lora import save_merged
+
+        checkpoints.append(save_merged(trainer, ctx, checkpoint.training_metrics, adapter=checkpoint))
+    finish(ctx)
+    return checkpoints
+
+
 def save_final(trainer, ctx: JobContext, kind: str = "model", name: str = "final",
                metric: PostTrainingMetric | None = None) -> Checkpoint:
     """Write the artifact to a scratch dir and rename it into place, so a job that dies

@@ -37,14 +37,7 @@ def train(ctx: JobContext) -> list[Checkpoint]:
     ctx.raise_if_stopped()
 
     common.run_training(trainer, ctx)
-    checkpoint = common.save_final(trainer, ctx, kind="adapter" if lora else "model")
-    checkpoints = [checkpoint]
-    if lora and ctx.config.save_merged_model:
-        from .lora import save_merged
-
-        checkpoints.append(save_merged(trainer, ctx, checkpoint.training_metrics, adapter=checkpoint))
-    common.finish(ctx)
-    return checkpoints
+    return common.save_artifacts(trainer, ctx, lora=lora is not None)
 
 
 def build_trainer(ctx: JobContext, model, tokenizer, device: str, precision: str) -> SFTTrainer:
