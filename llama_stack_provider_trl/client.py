@@ -8,7 +8,9 @@
                                  algorithm_config={"beta": 0.1}, training_config={"dataset": "dpo-demo"})
     status = pt.wait(job.job_uuid)
 
-It goes through the client's generic post/get, so auth, retries and headers are the SDK's own.
+It goes through the client's generic post/get, so auth, retries and headers are the SDK's own. The response
+models mirror api/models.py as llama_stack_client models (cast_to must subclass the SDK's BaseModel), so a client
+machine needs the SDK only, not llama-stack.
 """
 
 from __future__ import annotations
