@@ -16,7 +16,6 @@ import shutil
 import threading
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from .api.models import JobStatus, TrainingProgress
@@ -191,4 +190,4 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-__all__ = ["Scheduler", "INTERRUPTED", "Path"]
+__all__ = ["Scheduler", "INTERRUPTED"]

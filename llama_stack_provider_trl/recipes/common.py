@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from ..api.models import Checkpoint, PostTrainingMetric
 from ..jobs import now
-from .context import JobCancelled, JobContext, JobInterrupted
+from .context import JobContext
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +339,6 @@ def finish(ctx: JobContext) -> None:
 
 
 __all__ = [
-    "JobCallback", "JobCancelled", "JobInterrupted", "configure_cpu_threads", "load_model_and_tokenizer", "resolve_device",
+    "JobCallback", "configure_cpu_threads", "load_model_and_tokenizer", "resolve_device",
     "run_training", "save_final", "trainer_arguments", "finish", "final_metric", "checkpoint_record",
 ]
