@@ -18,6 +18,13 @@ class Limits(BaseModel):
     max_dataset_rows: int = Field(default=1_000_000, ge=1, description="Most rows a training or validation set may have.")
     max_seq_length: int = Field(default=32768, ge=8, description="Largest max_seq_length a request may ask for.")
     max_total_steps: int = Field(default=1_000_000, ge=1, description="Most optimizer steps one job may run.")
+    max_batch_size: int = Field(default=256, ge=1, description="Largest data_config.batch_size (rows per device step).")
+    max_tokens_per_step: int = Field(
+        default=131072, ge=8,
+        description="Largest batch_size x max_seq_length (x 2 for DPO, which holds chosen and rejected): the tokens "
+        "one device step may hold, which is what bounds a job's activation memory.",
+    )
+    max_queued_jobs: int = Field(default=100, ge=1, description="Most jobs waiting or running at once (429 beyond).")
 
 
 class TrlPostTrainingConfig(BaseModel):
@@ -53,6 +60,17 @@ class TrlPostTrainingConfig(BaseModel):
         default=True,
         description="After a restart, continue jobs that were running or waiting from their last checkpoint; "
         "false marks them failed.",
+    )
+    max_resumes_after_crash: int = Field(
+        default=1, ge=0,
+        description="How often a job that was running when the server died without a clean shutdown (the kernel's "
+        "out-of-memory killer is the usual cause) is resumed at the next start; the next time it fails, so a job "
+        "that kills the server cannot do it in a loop. 0: never resumed after a crash.",
+    )
+    failed_job_data_retention_hours: float = Field(
+        default=168.0, ge=0,
+        description="How long failed and cancelled jobs keep their data snapshot (for diagnosis) before it is "
+        "removed; 0 removes it when the job ends. Completed jobs keep theirs until the job is deleted.",
     )
     model_roots: list[str] = Field(
         default_factory=lambda: [".", "~/.cache/huggingface"],

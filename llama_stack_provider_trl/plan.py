@@ -41,6 +41,29 @@ def steps_per_epoch(n_rows: int, tc: TrainingConfig) -> int:
     return max(1, min(tc.max_steps_per_epoch, updates))
 
 
+def check_memory_limits(tc: TrainingConfig, config: TrlPostTrainingConfig, sequences_per_row: int) -> None:
+    """Refuse (ValueError, a 400) requests whose device steps could hold more tokens than the provider allows.
+    Activation memory grows with the tokens in one step; a request that passes here can still be too large
+    for a device, but not by orders of magnitude. DPO holds 2 sequences per row (chosen and rejected)."""
+    limits = config.limits
+    batch = tc.data_config.batch_size
+    if batch > limits.max_batch_size:
+        raise ValueError(f"training_config.data_config.batch_size: {batch} is above the provider's "
+                         f"limits.max_batch_size ({limits.max_batch_size}); use gradient_accumulation_steps for a "
+                         "larger effective batch")
+    length = tc.max_seq_length or config.max_seq_length
+    tokens = batch * length * sequences_per_row
+    if tokens > limits.max_tokens_per_step:
+        factor = f" x {sequences_per_row}" if sequences_per_row > 1 else ""
+        why = " (chosen and rejected)" if sequences_per_row > 1 else ""
+        raise ValueError(
+            f"training_config: batch_size x max_seq_length{factor}{why} = {batch} x {length}{factor} = {tokens} "
+            f"tokens per device step, above the provider's limits.max_tokens_per_step "
+            f"({limits.max_tokens_per_step}); lower data_config.batch_size (and raise gradient_accumulation_steps) "
+            "or max_seq_length"
+        )
+
+
 def make_plan(tc: TrainingConfig, n_rows: int, config: TrlPostTrainingConfig) -> TrainingPlan:
     """Raises ValueError (a 400) for settings above the provider's limits."""
     warnings: list[str] = []

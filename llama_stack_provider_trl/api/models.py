@@ -293,6 +293,8 @@ class PostTrainingJobStatusResponse(BaseModel):
     progress: TrainingProgress | None = Field(default=None, description="Extension.")
     error: str | None = Field(default=None, description="Extension: why the job failed.")
     warnings: list[str] = Field(default_factory=list, description="Extension: fields accepted but not used, etc.")
+    attempts: int = Field(default=0, description="Extension: how many times the job has started training; more "
+                          "than one after a resume.")
 
 
 class PostTrainingJobArtifactsResponse(BaseModel):

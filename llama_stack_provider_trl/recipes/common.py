@@ -213,6 +213,7 @@ class JobCallback(TrainerCallback):
         self.metrics: dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.ctx.training_begins()
         self.started = time.monotonic()
         self.start_step = state.global_step
         self.ctx.report(persist=True, phase="training", step=state.global_step, total_steps=state.max_steps)

@@ -16,11 +16,13 @@ from ..config import TrlPostTrainingConfig
 from ..plan import TrainingPlan
 
 
-class JobCancelled(Exception):
+# BaseException, not Exception: the scheduler may raise these inside library code (tokenizing a dataset,
+# loading a model), and no library's `except Exception` may swallow them there.
+class JobCancelled(BaseException):
     """The user cancelled the job."""
 
 
-class JobInterrupted(Exception):
+class JobInterrupted(BaseException):
     """The server is shutting down; a resumable checkpoint was saved where possible."""
 
 
@@ -37,6 +39,14 @@ class JobContext:
     shutdown_requested: threading.Event = field(default_factory=threading.Event)
     resume_from: Path | None = None
     method: str = "dpo"
+    preparing: bool = False
+    """True from the job's start until training begins: cancel and shutdown then raise in the training thread."""
+    preparing_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def training_begins(self) -> None:
+        """From here on the trainer's callback stops the job, at a step boundary, with a checkpoint on shutdown."""
+        with self.preparing_lock:
+            self.preparing = False
 
     @property
     def checkpoints_dir(self) -> Path:

@@ -20,6 +20,19 @@ def train(ctx):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     if behaviour == "disk":
         raise OSError(28, "No space left on device")
+    if behaviour == "busy_prepare":
+        # like tokenizing a large dataset: Python code that never looks at cancel or shutdown
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            sum(range(1000))
+        raise AssertionError("preparation was not interrupted")
+    if behaviour == "slow_save":
+        ctx.training_begins()
+        ctx.report(persist=True, phase="saving")
+        (ctx.job_dir / "final").mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + 10
+        while not ctx.cancel_requested.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
     if behaviour == "wait":
         for step in range(1, 500):
             ctx.report(persist=False, step=step)

@@ -11,7 +11,7 @@ import fake_recipe
 from llama_stack_provider_trl import scheduler as scheduler_module
 from llama_stack_provider_trl.api.models import JobStatus
 from llama_stack_provider_trl.config import TrlPostTrainingConfig
-from llama_stack_provider_trl.jobs import JobNotFoundError, JobRecord, JobTable
+from llama_stack_provider_trl.jobs import JobNotFoundError, JobRecord, JobTable, StoreUnavailable, TooManyJobs
 from llama_stack_provider_trl.plan import TrainingPlan
 
 
@@ -52,7 +52,7 @@ def make_scheduler(table, tmp_path, monkeypatch):
 
 
 def add(table, job_uuid, behaviour="ok"):
-    table.add(JobRecord(job_uuid=job_uuid, method="dpo", request={"behaviour": behaviour})).result(2)
+    asyncio.run(table.add(JobRecord(job_uuid=job_uuid, method="dpo", request={"behaviour": behaviour})))
 
 
 def wait_for(table, job_uuid, statuses, timeout=10.0):
@@ -153,3 +153,170 @@ def test_shutdown_without_resume_fails_interrupted_and_waiting_jobs(table, make_
     for name in ("long", "next"):
         record = table.snapshot(name)
         assert (record.status, record.error) == (JobStatus.failed, "interrupted by server shutdown")
+
+
+# ---- issue 8: the scheduler survives every job, writes are checked, cancel always means cancelled ----
+
+
+class FlakyStore(InmemoryKVStoreImpl):
+    """An in-memory store whose writes fail while `failing` is set (a locked or read-only database)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failing = False
+        self.failures = 0
+
+    async def set(self, key, value, expiration=None):
+        if self.failing:
+            self.failures += 1
+            raise OSError("database is locked")
+        await super().set(key, value, expiration)
+
+
+def test_a_job_that_cannot_be_planned_fails_alone_and_the_thread_lives_on(table, tmp_path, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "RECIPES", {"dpo": "fake_recipe", "sft": "fake_recipe"})
+
+    def plan_or_refuse(record):
+        if record.job_uuid == "too-long":
+            raise ValueError("training_config.max_seq_length: 2048 is above the provider's limit of 1024")
+        return plan_for(record)
+
+    sched = scheduler_module.Scheduler(table, TrlPostTrainingConfig(output_dir=str(tmp_path)), plan_or_refuse)
+    sched.start()
+    try:
+        for name in ("too-long", "after"):
+            add(table, name)
+            sched.submit(name)
+        failed = wait_for(table, "too-long", {JobStatus.failed})
+        assert failed.error.startswith("could not start: ValueError: training_config.max_seq_length")
+        assert wait_for(table, "after", {JobStatus.completed}).error is None
+    finally:
+        sched.shutdown(2)
+
+
+def test_cancel_while_saving_ends_cancelled_not_completed(table, make_scheduler):
+    sched = make_scheduler()
+    add(table, "saving", "slow_save")
+    sched.submit("saving")
+    wait_for(table, "saving", {JobStatus.in_progress})
+    deadline = time.monotonic() + 5
+    while (table.snapshot("saving").progress.phase != "saving") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sched.cancel("saving") == JobStatus.in_progress
+    record = wait_for(table, "saving", {JobStatus.cancelled, JobStatus.completed})
+    assert record.status == JobStatus.cancelled and record.checkpoints == []
+    assert not (sched.config.resolved_output_dir() / "saving" / "final").exists()
+
+
+def test_cancel_after_completion_is_too_late(table, make_scheduler):
+    sched = make_scheduler()
+    add(table, "quick")
+    sched.submit("quick")
+    wait_for(table, "quick", {JobStatus.completed})
+    assert sched.cancel("quick") == JobStatus.completed  # the provider answers 409 "too late"
+
+
+def test_cancel_and_shutdown_reach_a_job_that_is_still_preparing(table, make_scheduler):
+    sched = make_scheduler()
+    add(table, "tokenizing", "busy_prepare")
+    add(table, "next")
+    sched.submit("tokenizing")
+    sched.submit("next")
+    wait_for(table, "tokenizing", {JobStatus.in_progress})
+    time.sleep(0.3)
+    asked = time.monotonic()
+    sched.cancel("tokenizing")
+    assert wait_for(table, "tokenizing", {JobStatus.cancelled}, timeout=5).status == JobStatus.cancelled
+    assert time.monotonic() - asked < 2
+    wait_for(table, "next", {JobStatus.completed})
+
+    add(table, "tokenizing-2", "busy_prepare")
+    sched.submit("tokenizing-2")
+    wait_for(table, "tokenizing-2", {JobStatus.in_progress})
+    time.sleep(0.3)
+    asked = time.monotonic()
+    sched.shutdown(5)
+    assert time.monotonic() - asked < 2
+    assert table.snapshot("tokenizing-2").status == JobStatus.scheduled  # resumes at the next start
+
+
+def test_a_refused_first_write_leaves_no_job(tmp_path):
+    store = FlakyStore()
+    table = JobTable(store, retry_delays=(0.01,))
+    try:
+        store.failing = True
+        table.reserve("phantom")
+        with pytest.raises(StoreUnavailable) as raised:
+            asyncio.run(table.add(JobRecord(job_uuid="phantom", method="dpo", request={})))
+        assert getattr(raised.value, "status_code", None) == 503
+        assert "nothing was queued" in str(raised.value)
+        table.release("phantom")
+        with pytest.raises(JobNotFoundError):
+            table.snapshot("phantom")
+        assert table.all() == [] and asyncio.run(store.values_in_range("job:", "job:\xff")) == []
+        store.failing = False
+        table.reserve("phantom")  # the id is free again
+        asyncio.run(table.add(JobRecord(job_uuid="phantom", method="dpo", request={})))
+        assert table.snapshot("phantom").status == JobStatus.scheduled
+    finally:
+        table.close()
+
+
+def test_later_writes_are_retried_and_a_lasting_failure_shows_in_status(tmp_path):
+    store = FlakyStore()
+    table = JobTable(store, retry_delays=(0.05, 0.05, 0.05))
+    try:
+        asyncio.run(table.add(JobRecord(job_uuid="j", method="dpo", request={})))
+        store.failing = True
+        future = table.update("j", status=JobStatus.in_progress)
+        time.sleep(0.07)
+        store.failing = False  # the database comes back before the retries run out
+        future.result(2)
+        assert "in_progress" in asyncio.run(store.get("job:j")) and not table.snapshot("j").warnings
+
+        store.failing = True
+        with pytest.raises(OSError):
+            table.update("j", status=JobStatus.completed).result(2)
+        warnings = table.snapshot("j").warnings
+        assert any(w.startswith("job store: this job's latest state could not be saved") for w in warnings)
+        assert table.snapshot("j").status == JobStatus.completed  # still served from memory
+        store.failing = False
+        table.update("j", error=None).result(2)
+        assert not table.snapshot("j").warnings and "completed" in asyncio.run(store.get("job:j"))
+    finally:
+        table.close()
+
+
+def test_queue_limit_and_delete(table, kv):
+    table.reserve("a", max_active=2)
+    asyncio.run(table.add(JobRecord(job_uuid="a", method="dpo", request={})))
+    table.reserve("b", max_active=2)
+    with pytest.raises(TooManyJobs) as raised:
+        table.reserve("c", max_active=2)  # a is waiting, b is being validated
+    assert raised.value.status_code == 429 and "limits.max_queued_jobs (2)" in str(raised.value)
+    table.release("b")
+    with pytest.raises(ConflictError):
+        asyncio.run(table.delete("a"))  # still waiting
+    table.update("a", status=JobStatus.failed).result(2)
+    asyncio.run(table.delete("a"))
+    with pytest.raises(JobNotFoundError):
+        table.snapshot("a")
+    assert asyncio.run(kv.get("job:a")) is None
+    table.reserve("a", max_active=2)  # its id is free again
+
+
+def test_failed_and_cancelled_jobs_lose_their_data_after_the_retention(table, make_scheduler):
+    sched = make_scheduler(failed_job_data_retention_hours=0)
+    out = sched.config.resolved_output_dir()
+    for name, behaviour in (("failing", "fail"), ("waiting", "ok"), ("fine", "ok")):
+        (out / name / "data").mkdir(parents=True)
+        (out / name / "data" / "train.jsonl").write_text("{}\n")
+    add(table, "failing", "fail")
+    add(table, "waiting")
+    sched.cancel("waiting")
+    add(table, "fine")
+    sched.submit("failing")
+    sched.submit("fine")
+    wait_for(table, "fine", {JobStatus.completed})
+    assert not (out / "failing" / "data").exists() and not (out / "waiting" / "data").exists()
+    assert (out / "fine" / "data" / "train.jsonl").exists()  # completed jobs keep theirs until deleted
