@@ -80,10 +80,31 @@ class TrlPostTrainingConfig(BaseModel):
         default_factory=lambda: ["."], description="Local dataset files must resolve (after symlinks) inside one of these."
     )
     trust_remote_code: bool = Field(default=False, description="Allow models that ship their own Python code.")
-    preload_training_libraries: bool = Field(
-        default=False,
-        description="Import torch, transformers and TRL in the training thread right after start-up, so the first "
-        "job starts as fast as later ones; costs about 1 GB of memory while idle. false: imported by the first job.",
+    processes_per_job: int = Field(
+        default=1, ge=1, le=64,
+        description="Processes per job, launched by torchrun: one per GPU on CUDA (the job gets that many GPUs), "
+        "or that many processes over the gloo backend on a CPU.",
+    )
+    distributed_strategy: Literal["ddp", "fsdp", "deepspeed_zero3"] = Field(
+        default="ddp",
+        description="How a job's processes share the work when a request does not say: ddp (a model copy per "
+        "device), fsdp or deepspeed_zero3 (sharded, CUDA only).",
+    )
+    max_concurrent_jobs: int | None = Field(
+        default=None, ge=1,
+        description="Most jobs training at once. Absent: 1 on a CPU; on CUDA, as many as the GPUs allow "
+        "(each job holds processes_per_job GPUs).",
+    )
+    warm_worker: bool = Field(
+        default=True,
+        description="Keep one worker process with torch, transformers and TRL already imported, so a "
+        "one-process job starts at once rather than after several seconds of imports; it costs that process's "
+        "memory (about 1 GB) while idle.",
+    )
+    worker_silence_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="A training job whose worker reports no step for this long (a hung collective, a stuck rank) "
+        "is killed and failed.",
     )
     limits: Limits = Field(default_factory=Limits)
 

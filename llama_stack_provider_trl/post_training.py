@@ -35,6 +35,8 @@ from .data import (
     sft_rows,
     write_jsonl,
 )
+from .devices import training_device
+from .executors import LocalExecutor
 from .jobs import FINAL_STATES, JobRecord, JobTable, now
 from .lora_targets import linear_modules, lora_target_modules
 from .plan import TrainingPlan, check_memory_limits, make_plan
@@ -67,7 +69,12 @@ class TrlPostTrainingImpl:
         self.table = JobTable(await kvstore_impl(self.config.kvstore))
         records = await self.table.load()
         self._set_aside_orphans({r.job_uuid for r in records})
-        self.scheduler = Scheduler(self.table, self.config, self._plan_for)
+        executor = LocalExecutor(self.config)
+        gpus = executor.devices()
+        if gpus != ["cpu"] and self.config.processes_per_job > len(gpus):
+            raise ValueError(f"processes_per_job: {self.config.processes_per_job} processes need as many GPUs, and "
+                             f"this machine shows {len(gpus)} ({', '.join(gpus)})")
+        self.scheduler = Scheduler(self.table, self.config, self._plan_for, executor)
         for record in records:
             if not record.is_final:
                 self._recover(record)
@@ -289,8 +296,8 @@ class TrlPostTrainingImpl:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("algorithm_config.quantize_base: QLoRA needs the bitsandbytes package, which is not installed")
-        if self.config.device == "cpu":
-            raise ValueError("algorithm_config.quantize_base: QLoRA needs a CUDA device; the provider's device is cpu")
+        if training_device(self.config.device) == "cpu":
+            raise ValueError("algorithm_config.quantize_base: QLoRA needs a CUDA device; this provider trains on the CPU")
 
 
 def check_storable(request: Any) -> None:

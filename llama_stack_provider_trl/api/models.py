@@ -72,7 +72,10 @@ class DataConfig(_Strict):
         description="A dataset registered through /v1beta/datasets, or a local .json/.jsonl file inside the "
         "provider's dataset_roots.",
     )
-    batch_size: int = Field(default=1, ge=1, le=4096, description="Per-device batch size.")
+    batch_size: int = Field(
+        default=1, ge=1, le=4096,
+        description="Rows per optimizer step (the global batch), shared out over the job's processes and "
+        "gradient_accumulation_steps.")
     shuffle: bool = Field(default=True, description="Shuffle the training rows each epoch.")
     data_format: DatasetFormat | None = Field(
         default=None, description="SFT row format; detected from the rows when absent. Ignored by DPO."
@@ -100,8 +103,16 @@ class EfficiencyConfig(_Strict):
         default=None, description="Gradient checkpointing; the provider's gradient_checkpointing when absent."
     )
     enable_activation_offloading: bool | None = Field(default=False, description="Offload activations to the CPU.")
-    memory_efficient_fsdp_wrap: bool | None = Field(default=False, description="Not used: training is single-device.")
-    fsdp_cpu_offload: bool | None = Field(default=False, description="Not used: training is single-device.")
+    memory_efficient_fsdp_wrap: bool | None = Field(
+        default=False, description="Shard the model with FSDP, wrapping each transformer layer (CUDA only).")
+    fsdp_cpu_offload: bool | None = Field(
+        default=False, description="Shard with FSDP (or DeepSpeed ZeRO-3) and keep parameters and optimizer state in "
+        "CPU memory between uses (CUDA only).")
+    distributed_strategy: Literal["ddp", "fsdp", "deepspeed_zero3"] | None = Field(
+        default=None, description="Extension: how the job's processes share the work. ddp: a full copy of the model "
+        "on each device; fsdp and deepspeed_zero3 shard weights, gradients and optimizer state over the devices, for "
+        "models that do not fit one (CUDA only). Absent: the provider's distributed_strategy, or fsdp when an FSDP "
+        "field above is set.")
 
 
 class TrainingConfig(_Strict):

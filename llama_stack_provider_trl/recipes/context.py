@@ -1,28 +1,24 @@
-"""What a recipe gets from the scheduler, and the ways a job can end early.
+"""What a recipe gets from its worker process, and how a job stops early.
 
-No heavy imports here: the scheduler builds a JobContext before any recipe is loaded.
+A recipe runs in each of a job's processes (ranks). Rank 0 reports progress and writes
+the artifacts; every rank trains. Cancel needs no help from the recipe: the server kills
+the job's processes. A shutdown asks for a resumable checkpoint: the server makes the
+job's stop file, and the trainer's callback saves and stops at the next step.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..api.models import TrainingProgress
 from ..config import TrlPostTrainingConfig
 from ..plan import TrainingPlan
+from ..worker.channel import stop_requested
 
 
-# BaseException, not Exception: the scheduler may raise these inside library code (tokenizing a dataset,
-# loading a model), and no library's `except Exception` may swallow them there.
-class JobCancelled(BaseException):
-    """The user cancelled the job."""
-
-
-class JobInterrupted(BaseException):
+class JobInterrupted(Exception):
     """The server is shutting down; a resumable checkpoint was saved where possible."""
 
 
@@ -34,19 +30,15 @@ class JobContext:
     config: TrlPostTrainingConfig
     plan: TrainingPlan
     report: Callable[..., None] = field(repr=False)
-    """report(persist: bool, **fields): merge fields into the job's TrainingProgress/record."""
-    cancel_requested: threading.Event = field(default_factory=threading.Event)
-    shutdown_requested: threading.Event = field(default_factory=threading.Event)
+    """report(persist: bool, **fields): merge fields into the job's TrainingProgress/record (rank 0 only)."""
     resume_from: Path | None = None
     method: str = "dpo"
-    preparing: bool = False
-    """True from the job's start until training begins: cancel and shutdown then raise in the training thread."""
-    preparing_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    rank: int = 0
+    world_size: int = 1
 
-    def training_begins(self) -> None:
-        """From here on the trainer's callback stops the job, at a step boundary, with a checkpoint on shutdown."""
-        with self.preparing_lock:
-            self.preparing = False
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -56,11 +48,12 @@ class JobContext:
     def data_dir(self) -> Path:
         return self.job_dir / "data"
 
+    def stop_requested(self) -> bool:
+        return stop_requested(self.job_dir)
+
     def raise_if_stopped(self) -> None:
         """Between stages (loading, tokenizing) where the trainer's callback can't stop us."""
-        if self.cancel_requested.is_set():
-            raise JobCancelled()
-        if self.shutdown_requested.is_set():
+        if self.stop_requested():
             raise JobInterrupted()
 
 
@@ -73,4 +66,4 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
-__all__ = ["JobContext", "JobCancelled", "JobInterrupted", "latest_checkpoint", "TrainingProgress"]
+__all__ = ["JobContext", "JobInterrupted", "latest_checkpoint"]
