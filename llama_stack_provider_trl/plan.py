@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .api.models import OptimizerType, TrainingConfig
 from .config import TrlPostTrainingConfig
+from .hardware import cuda, training_device
 
 
 @dataclass
@@ -35,15 +36,42 @@ class TrainingPlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def steps_per_epoch(n_rows: int, tc: TrainingConfig) -> int:
+def steps_per_pass(n_rows: int, tc: TrainingConfig) -> int:
+    """Optimizer steps one pass over n_rows takes (the last batch and accumulation may be partial)."""
     batches = math.ceil(n_rows / tc.data_config.batch_size)
-    updates = math.ceil(batches / tc.gradient_accumulation_steps)
-    return max(1, min(tc.max_steps_per_epoch, updates))
+    return max(1, math.ceil(batches / tc.gradient_accumulation_steps))
+
+
+def steps_per_epoch(n_rows: int, tc: TrainingConfig) -> int:
+    return max(1, min(tc.max_steps_per_epoch, steps_per_pass(n_rows, tc)))
+
+
+def _short_epoch_warning(tc: TrainingConfig, n_rows: int) -> str | None:
+    """Llama Stack's max_steps_per_epoch defaults to 1, so a request that leaves it out trains one batch per
+    epoch; users must hear of it rather than find an undertrained model."""
+    full = steps_per_pass(n_rows, tc)
+    cap = tc.max_steps_per_epoch
+    if cap >= full:
+        return None
+    rows = min(n_rows, cap * tc.data_config.batch_size * tc.gradient_accumulation_steps)
+    default = "" if "max_steps_per_epoch" in tc.model_fields_set else " (the default when a request gives none)"
+    return (f"training_config.max_steps_per_epoch {cap}{default} stops each epoch after {cap} of {full} steps "
+            f"({rows} of {n_rows} rows); set it to {full} or more to train on every row each epoch")
+
+
+def _check_device_needs(tc: TrainingConfig, config: TrlPostTrainingConfig) -> None:
+    """Settings that only work on a GPU are a 400 on a CPU provider, not a job that fails later."""
+    eff = tc.efficiency_config
+    if eff is not None and eff.enable_activation_offloading and training_device(config.device) != "cuda":
+        why = "the provider's device is cpu" if config.device == "cpu" else f"no CUDA device: {cuda().reason}"
+        raise ValueError("training_config.efficiency_config.enable_activation_offloading: moves activations from GPU "
+                         f"memory to the CPU, so it needs a CUDA device, and this provider trains on the CPU ({why})")
 
 
 def make_plan(tc: TrainingConfig, n_rows: int, config: TrlPostTrainingConfig) -> TrainingPlan:
     """Raises ValueError (a 400) for settings above the provider's limits."""
     warnings: list[str] = []
+    _check_device_needs(tc, config)
     limits = config.limits
     max_length = tc.max_seq_length or config.max_seq_length
     if tc.max_seq_length is not None and max_length > limits.max_seq_length:
@@ -57,6 +85,10 @@ def make_plan(tc: TrainingConfig, n_rows: int, config: TrlPostTrainingConfig) ->
             f"training_config: n_epochs x steps per epoch = {tc.n_epochs} x {per_epoch} = {max_steps} steps, above the "
             f"provider's limits.max_total_steps ({limits.max_total_steps})"
         )
+
+    short = _short_epoch_warning(tc, n_rows)
+    if short:
+        warnings.append(short)
 
     opt = tc.optimizer_config
     if opt.optimizer_type == OptimizerType.adam:

@@ -34,6 +34,7 @@ from .data import (
     sft_rows,
     write_jsonl,
 )
+from .hardware import training_device
 from .jobs import FINAL_STATES, JobRecord, JobTable, now
 from .lora_targets import linear_modules, lora_target_modules
 from .plan import TrainingPlan, make_plan
@@ -222,5 +223,6 @@ class TrlPostTrainingImpl:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("algorithm_config.quantize_base: QLoRA needs the bitsandbytes package, which is not installed")
-        if self.config.device == "cpu":
-            raise ValueError("algorithm_config.quantize_base: QLoRA needs a CUDA device; the provider's device is cpu")
+        if training_device(self.config.device) != "cuda":
+            raise ValueError("algorithm_config.quantize_base: QLoRA needs a CUDA device, and this provider trains "
+                             f"on the CPU (device: {self.config.device})")
