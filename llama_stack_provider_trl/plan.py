@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .api.models import OptimizerType, TrainingConfig
 from .config import TrlPostTrainingConfig
-from .devices import training_device
+from .hardware import cuda, training_device
 
 
 @dataclass
@@ -55,9 +55,35 @@ def split_batch(tc: TrainingConfig, processes: int) -> tuple[int, int, str | Non
         "and step)")
 
 
+def steps_per_pass(n_rows: int, global_batch: int) -> int:
+    """Optimizer steps one pass over n_rows takes (the last batch may be partial)."""
+    return max(1, math.ceil(n_rows / global_batch))
+
+
 def steps_per_epoch(n_rows: int, tc: TrainingConfig, global_batch: int | None = None) -> int:
-    updates = math.ceil(n_rows / (global_batch or tc.data_config.batch_size))
-    return max(1, min(tc.max_steps_per_epoch, updates))
+    return max(1, min(tc.max_steps_per_epoch, steps_per_pass(n_rows, global_batch or tc.data_config.batch_size)))
+
+
+def _short_epoch_warning(tc: TrainingConfig, n_rows: int, global_batch: int) -> str | None:
+    """Llama Stack's max_steps_per_epoch defaults to 1, so a request that leaves it out trains one batch per
+    epoch; users must hear of it rather than find an undertrained model."""
+    full = steps_per_pass(n_rows, global_batch)
+    cap = tc.max_steps_per_epoch
+    if cap >= full:
+        return None
+    rows = min(n_rows, cap * global_batch)
+    default = "" if "max_steps_per_epoch" in tc.model_fields_set else " (the default when a request gives none)"
+    return (f"training_config.max_steps_per_epoch {cap}{default} stops each epoch after {cap} of {full} steps "
+            f"({rows} of {n_rows} rows); set it to {full} or more to train on every row each epoch")
+
+
+def _check_device_needs(tc: TrainingConfig, config: TrlPostTrainingConfig) -> None:
+    """Settings that only work on a GPU are a 400 on a CPU provider, not a job that fails later."""
+    eff = tc.efficiency_config
+    if eff is not None and eff.enable_activation_offloading and training_device(config.device) != "cuda":
+        why = "the provider's device is cpu" if config.device == "cpu" else f"no CUDA device: {cuda().reason}"
+        raise ValueError("training_config.efficiency_config.enable_activation_offloading: moves activations from GPU "
+                         f"memory to the CPU, so it needs a CUDA device, and this provider trains on the CPU ({why})")
 
 
 def check_memory_limits(tc: TrainingConfig, config: TrlPostTrainingConfig, sequences_per_row: int) -> None:
@@ -87,6 +113,7 @@ def check_memory_limits(tc: TrainingConfig, config: TrlPostTrainingConfig, seque
 def make_plan(tc: TrainingConfig, n_rows: int, config: TrlPostTrainingConfig) -> TrainingPlan:
     """Raises ValueError (a 400) for settings above the provider's limits."""
     warnings: list[str] = []
+    _check_device_needs(tc, config)
     limits = config.limits
     max_length = tc.max_seq_length or config.max_seq_length
     if tc.max_seq_length is not None and max_length > limits.max_seq_length:
@@ -104,6 +131,10 @@ def make_plan(tc: TrainingConfig, n_rows: int, config: TrlPostTrainingConfig) ->
             f"training_config: n_epochs x steps per epoch = {tc.n_epochs} x {per_epoch} = {max_steps} steps, above the "
             f"provider's limits.max_total_steps ({limits.max_total_steps})"
         )
+
+    short = _short_epoch_warning(tc, n_rows, global_batch)
+    if short:
+        warnings.append(short)
 
     opt = tc.optimizer_config
     if opt.optimizer_type == OptimizerType.adam:

@@ -35,8 +35,8 @@ from .data import (
     sft_rows,
     write_jsonl,
 )
-from .devices import training_device
 from .executors import LocalExecutor
+from .hardware import training_device
 from .jobs import FINAL_STATES, JobRecord, JobTable, now
 from .lora_targets import linear_modules, lora_target_modules
 from .plan import TrainingPlan, check_memory_limits, make_plan
@@ -296,8 +296,9 @@ class TrlPostTrainingImpl:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("algorithm_config.quantize_base: QLoRA needs the bitsandbytes package, which is not installed")
-        if training_device(self.config.device) == "cpu":
-            raise ValueError("algorithm_config.quantize_base: QLoRA needs a CUDA device; this provider trains on the CPU")
+        if training_device(self.config.device) != "cuda":
+            raise ValueError("algorithm_config.quantize_base: QLoRA needs a CUDA device, and this provider trains "
+                             f"on the CPU (device: {self.config.device})")
 
 
 def check_storable(request: Any) -> None:

@@ -66,6 +66,11 @@ class DPOLossType(StrEnum):
     sigmoid_norm = "sigmoid_norm"
 
 
+# TRL refuses exo_pair without label smoothing (it takes its log); the EXO paper recommends 1e-3.
+EXO_PAIR_LABEL_SMOOTHING = 1e-3
+LABEL_SMOOTHING_LOSSES = (DPOLossType.exo_pair, DPOLossType.robust, DPOLossType.aot, DPOLossType.aot_unpaired)
+
+
 class DataConfig(_Strict):
     dataset_id: str = Field(
         min_length=1,
@@ -198,6 +203,13 @@ class DPOAlignmentConfig(_Strict):
         default=None, gt=0, le=100, description="DPO temperature; the provider's dpo_beta when absent."
     )
     loss_type: DPOLossType = DPOLossType.sigmoid
+    label_smoothing: float | None = Field(
+        default=None, ge=0, lt=1,
+        description="Extension, for the losses that use it (TRL's label_smoothing): robust, the probability that a "
+        "preference label is flipped, in [0, 0.5), default 0; exo_pair, the EXO paper's epsilon, above 0, default "
+        f"{EXO_PAIR_LABEL_SMOOTHING} (the paper's recommendation); aot and aot_unpaired, default 0. Any other "
+        "loss_type: a 400.",
+    )
     precompute_ref_log_probs: bool | None = Field(
         default=None,
         description="Extension: compute the reference log-probs once before training and keep no reference model. "
@@ -222,6 +234,31 @@ class DPOAlignmentConfig(_Strict):
                 + ", ".join(t.value for t in DPOLossType)
             )
         return data
+
+    @model_validator(mode="after")
+    def _check_label_smoothing(self) -> DPOAlignmentConfig:
+        value, loss = self.label_smoothing, self.loss_type
+        if value is None:
+            return self
+        if loss not in LABEL_SMOOTHING_LOSSES:
+            raise ValueError(
+                f"algorithm_config.label_smoothing is used only by the loss types "
+                f"{', '.join(t.value for t in LABEL_SMOOTHING_LOSSES)}, not by '{loss.value}'"
+            )
+        if loss == DPOLossType.exo_pair and value == 0:
+            # EXO takes log(epsilon)
+            raise ValueError("algorithm_config.label_smoothing must be above 0 for loss_type 'exo_pair' "
+                             f"(the EXO paper recommends {EXO_PAIR_LABEL_SMOOTHING})")
+        if loss == DPOLossType.robust and value >= 0.5:
+            raise ValueError("algorithm_config.label_smoothing must be below 0.5 for loss_type 'robust' "
+                             "(it is the probability that a preference label is flipped)")
+        return self
+
+    def trl_label_smoothing(self) -> float:
+        """What TRL gets: the request's value, else the default of its loss."""
+        if self.label_smoothing is not None:
+            return self.label_smoothing
+        return EXO_PAIR_LABEL_SMOOTHING if self.loss_type == DPOLossType.exo_pair else 0.0
 
     def ignored_fields(self) -> list[str]:
         return [f"algorithm_config.{name} ignored: TRL's DPO has no equivalent"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrlPostTrainingConfig
-from ..devices import cuda_devices, training_device
+from ..hardware import cuda_devices, training_device
 from ..failures import describe_exit, root_cause
 from ..worker import channel
 from ..worker.channel import EventReader, JobSpec

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from ..api.models import Checkpoint, PostTrainingMetric
+from ..hardware import training_device
 from ..jobs import now
 from .context import JobContext
 
@@ -53,10 +54,11 @@ REPORTED_METRICS = (
 def resolve_device(ctx: JobContext) -> tuple[str, str, list[str]]:
     """(device, precision, warnings): bf16/fp16 only where the device runs them fast."""
     warnings: list[str] = []
-    wanted = ctx.config.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("the provider's device is 'cuda' but torch sees no CUDA device")
-    device = "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+    # the server's answer (hardware.py, no torch), so a job trains where its request was checked for
+    device = training_device(ctx.config.device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the NVIDIA driver reports a GPU, but torch cannot use it (torch.cuda.is_available() is "
+                           "false); set the provider's device to cpu")
     dtype = ctx.plan.dtype
     if device == "cpu":
         return device, _cpu_precision(ctx, dtype, warnings), warnings
@@ -119,6 +121,10 @@ def load_model_and_tokenizer(model_ref: str, ctx: JobContext, **model_kwargs: An
     """A local directory, or a hub id for users who have the hub; a clear error offline.
     model_kwargs go to from_pretrained (a quantization_config, say)."""
     local = Path(model_ref).expanduser()
+    if local.is_dir():
+        # absolute, because the model remembers the path it was loaded from (config._name_or_path) and a LoRA
+        # adapter saves it as base_model_name_or_path: a relative one would load only from the server's directory
+        local = local.resolve()
     kwargs: dict[str, Any] = {"trust_remote_code": ctx.config.trust_remote_code}
     if not local.is_dir():
         # hub downloads go under the provider's output_dir, like everything else it writes
@@ -261,7 +267,7 @@ class JobCallback(TrainerCallback):
         self.ctx.report(
             persist=False,
             step=state.global_step,
-            epoch=round(float(state.epoch or 0.0), 4),
+            epoch=round(request_epoch(state, self.ctx), 4),
             elapsed_seconds=round(elapsed, 3),
             eta_seconds=round(elapsed / done * remaining, 1) if done else None,
         )
@@ -287,6 +293,15 @@ class JobCallback(TrainerCallback):
     def device(self):
         backend = torch.distributed.get_backend()
         return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def request_epoch(state, ctx: JobContext) -> float:
+    """Epochs as the request counts them: max_steps_per_epoch steps each. TRL's state.epoch counts passes over
+    the data instead, which differ whenever max_steps_per_epoch ends an epoch early (n_epochs 200 at one step of
+    four each would show epoch 50). max_steps / n_epochs rather than plan.steps_per_epoch: packing (SFT) changes
+    the steps per epoch after the plan was made, and max_steps with it."""
+    per_epoch = (state.max_steps or ctx.plan.max_steps) / max(1, ctx.plan.n_epochs)
+    return state.global_step / per_epoch if per_epoch else 0.0
 
 
 def _finite(value: Any) -> bool:
@@ -357,7 +372,7 @@ def final_metric(state, ctx: JobContext) -> PostTrainingMetric:
     eval_logs = [h for h in state.log_history if "eval_loss" in h]
     last = dict(train_logs[-1]) if train_logs else {}
     metric = PostTrainingMetric(
-        epoch=max(1, math.ceil(float(state.epoch or 0) - 1e-9)) if state.epoch else ctx.plan.n_epochs,
+        epoch=max(1, math.ceil(request_epoch(state, ctx) - 1e-9)) if state.global_step else ctx.plan.n_epochs,
         train_loss=last.get("loss"),
         metrics={k: float(v) for k, v in last.items() if k in REPORTED_METRICS and _finite(v)},
     )

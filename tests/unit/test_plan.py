@@ -58,3 +58,23 @@ def test_a_sharding_strategy_on_the_cpu_is_refused_not_downgraded(efficiency):
     assert make_plan(tc(efficiency_config={"distributed_strategy": "ddp"}), 4,
                      TrlPostTrainingConfig(device="cpu")).strategy == "ddp"
     assert make_plan(tc(optimizer_config={"optimizer_type": "sgd"}), 4, TrlPostTrainingConfig()).optim == "sgd"
+
+
+def test_an_epoch_cut_short_by_max_steps_per_epoch_says_so():
+    config = TrlPostTrainingConfig(device="cpu")
+    # Llama Stack's default max_steps_per_epoch is 1: 16 rows at batch 4 would train 4 of 16 rows an epoch
+    plan = make_plan(tc(n_epochs=2, batch_size=4), 16, config)
+    assert plan.max_steps == 2
+    assert any("max_steps_per_epoch 1 (the default when a request gives none) stops each epoch after 1 of 4 steps "
+               "(4 of 16 rows)" in w for w in plan.warnings), plan.warnings
+    plan = make_plan(tc(max_steps_per_epoch=3, batch_size=4, gradient_accumulation_steps=2), 16, config)
+    assert any("max_steps_per_epoch 3 stops each epoch after 3 of 4 steps (12 of 16 rows)" in w for w in plan.warnings)
+    # a cap at or above a full pass is no news
+    assert not any("max_steps_per_epoch" in w for w in make_plan(tc(max_steps_per_epoch=4, batch_size=4), 16,
+                                                                 config).warnings)
+
+
+def test_activation_offloading_on_the_cpu_is_refused_naming_the_field():
+    request = tc(efficiency_config={"enable_activation_offloading": True})
+    with pytest.raises(ValueError, match="training_config.efficiency_config.enable_activation_offloading"):
+        make_plan(request, 4, TrlPostTrainingConfig(device="cpu"))
