@@ -88,8 +88,8 @@ class LatencyProbe(threading.Thread):
 
 
 def wait_final(server: StackServer, job_uuid: str, interval: float, timeout: float = 3600) -> dict:
-    """Poll status every `interval` s. Each status request costs the training thread time (see RESULTS.md),
-    so timed jobs poll at 1 Hz; their end is the server's completed_at, so polling less loses no precision."""
+    """Poll status every `interval` s; a job's end is the server's completed_at, so polling less loses no
+    precision."""
     deadline = time.monotonic() + timeout
     while True:
         status = server.status(job_uuid)

@@ -97,9 +97,9 @@ class TrlPostTrainingConfig(BaseModel):
     )
     warm_worker: bool = Field(
         default=True,
-        description="Keep one worker process with torch, transformers and TRL already imported, so a "
-        "one-process job starts at once rather than after several seconds of imports; it costs that process's "
-        "memory (about 1 GB) while idle.",
+        description="Keep one process with torch, transformers and TRL already imported that forks a fresh "
+        "process for each one-process job, so the job starts at once rather than after seconds of imports, and "
+        "still exits after it; the fork server costs about 1 GB of memory while idle.",
     )
     worker_silence_timeout_s: float = Field(
         default=600.0, gt=0,

@@ -1,11 +1,11 @@
 """Jobs in worker processes on this machine.
 
-A one-process job runs in the warm spare when there is one (a worker that has already imported the
-training stack), else in a fresh `python -m llama_stack_provider_trl.worker`. A job of several
-processes runs under torchrun (torch.distributed.run), one process per GPU, or N processes over gloo
-on a CPU. Each job's processes live in a session of their own, die with the server (PR_SET_PDEATHSIG),
-write their output to <job_dir>/worker/worker.log, and talk to the server through the files in
-worker/channel.py.
+A one-process job is forked by the warm worker, a fork server that imported the training stack once
+(`warm_worker`), so it starts in milliseconds and still exits after its job; without it, the job runs in
+a fresh `python -m llama_stack_provider_trl.worker`. A job of several processes runs under torchrun
+(torch.distributed.run), one process per GPU, or N processes over gloo on a CPU. Each job's processes
+live in a session of their own, die with the server (PR_SET_PDEATHSIG), write their output to
+<job_dir>/worker/worker.log, and talk to the server through the files in worker/channel.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,41 +41,20 @@ class LocalExecutor:
         self.config = config
         self.device = training_device(config.device)
         self.output_dir = config.resolved_output_dir()
-        self._spare: subprocess.Popen | None = None
+        self._forks: ForkServer | None = None
 
     def devices(self) -> list[str]:
         return cuda_devices() if self.device == "cuda" else ["cpu"]
 
-    # ---- the warm spare -------------------------------------------------------------------------
+    # ---- the warm worker ------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Start the spare if there is none. Called from the scheduler's thread only: the spare dies
-        with the thread that started it (PR_SET_PDEATHSIG), and that thread lives as long as the server."""
+        """Start the fork server if there is none. Called from the scheduler's thread only: it dies with
+        the thread that started it (PR_SET_PDEATHSIG), and that thread lives as long as the server."""
         if not self.config.warm_worker or self.config.processes_per_job != 1:
             return
-        if self._spare is not None and self._spare.poll() is None:
-            return
-        with (self.output_dir / ".spare.log").open("ab") as out:
-            self._spare = subprocess.Popen(
-                [sys.executable, "-m", WORKER, "--standby"], stdin=subprocess.PIPE, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True, env=self._env(None),
-            )
-
-    def _take_spare(self, spec: JobSpec) -> subprocess.Popen | None:
-        spare, self._spare = self._spare, None
-        if spare is None or spare.poll() is not None:
-            return None
-        # CUDA_VISIBLE_DEVICES is read once, when CUDA starts: a spare sees every GPU, so it takes
-        # only jobs that are given all of them (or run on the CPU)
-        if self.device == "cuda" and spec.devices != self.devices():
-            self._spare = spare
-            return None
-        try:
-            spare.stdin.write(f"{JobSpec.path(Path(spec.job_dir))}\n".encode())
-            spare.stdin.close()
-        except (BrokenPipeError, OSError):
-            return None
-        return spare
+        if self._forks is None or not self._forks.alive():
+            self._forks = ForkServer(self._env(None), self.output_dir / ".fork-server.log")
 
     # ---- jobs -----------------------------------------------------------------------------------
 
@@ -84,9 +64,11 @@ class LocalExecutor:
         spec_path = spec.write()
         log_path = channel.worker_dir(job_dir) / "worker.log"
         if spec.world_size == 1:
-            spare = self._take_spare(spec)
-            if spare is not None:
-                return LocalJob(spare, spec, log_path)
+            self.prepare()
+            if self._forks is not None and self._forks.can_fork():
+                pid = self._forks.fork(spec_path)
+                if pid is not None:
+                    return LocalJob(ForkedProcess(self._forks, pid), spec, log_path)
             command = [sys.executable, "-m", WORKER, str(spec_path)]
         else:
             command = [sys.executable, "-m", LAUNCHER, "--standalone", f"--nproc-per-node={spec.world_size}",
@@ -108,14 +90,94 @@ class LocalExecutor:
         return env
 
     def close(self) -> None:
-        spare, self._spare = self._spare, None
-        if spare is not None and spare.poll() is None:
-            _kill_session(spare.pid)
-            spare.wait(5)
+        forks, self._forks = self._forks, None
+        if forks is not None:
+            forks.close()
+
+
+class ForkServer:
+    """The warm worker (`worker --fork-server`): forks one process per job, reports their pids and exits."""
+
+    START_TIMEOUT_S = 600  # its imports, on a busy machine
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", WORKER, "--fork-server"], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=log, start_new_session=True, env=env)
+        self._changed = threading.Condition()
+        self._ready: bool | None = None  # None until it has imported; False if it cannot fork CUDA jobs
+        self._started: dict[str, int] = {}
+        self._exits: dict[int, int] = {}
+        self._gone = False
+        threading.Thread(target=self._read, name="trl-fork-server", daemon=True).start()
+
+    def _read(self) -> None:
+        for raw in self.process.stdout:
+            words = raw.decode(errors="replace").rstrip("\n").split(" ", 2)  # a spec path may hold spaces
+            with self._changed:
+                if words[:1] == ["ready"]:
+                    self._ready = "cuda_initialized=0" in words
+                elif words[:1] == ["started"] and len(words) == 3:
+                    self._started[words[2]] = int(words[1])
+                elif words[:1] == ["exit"] and len(words) == 3:
+                    self._exits[int(words[1])] = int(words[2])
+                self._changed.notify_all()
+        with self._changed:
+            self._gone = True
+            self._changed.notify_all()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None and not self._gone
+
+    def can_fork(self) -> bool:
+        """False only once it has said it cannot (CUDA started in it, so its children could not use CUDA)."""
+        return self.alive() and self._ready is not False
+
+    def fork(self, spec_path: Path) -> int | None:
+        """The pid of a new process running the job, or None if the fork server is gone."""
+        key = str(spec_path)
+        try:
+            self.process.stdin.write(f"{key}\n".encode())
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return None
+        with self._changed:
+            self._changed.wait_for(lambda: key in self._started or self._gone, timeout=self.START_TIMEOUT_S)
+            return self._started.pop(key, None)
+
+    def returncode(self, pid: int) -> int | None:
+        with self._changed:
+            if pid in self._exits:
+                return self._exits.pop(pid)
+            gone = self._gone
+        if gone and not _exists(pid):
+            return -signal.SIGKILL  # its parent died, and PR_SET_PDEATHSIG took it along
+        return None
+
+    def close(self) -> None:
+        _kill_session(self.process.pid)
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class ForkedProcess:
+    """A job process forked by the fork server, seen like a Popen: pid, poll(), returncode."""
+
+    def __init__(self, server: ForkServer, pid: int) -> None:
+        self.server = server
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server.returncode(self.pid)
+        return self.returncode
 
 
 class LocalJob:
-    def __init__(self, process: subprocess.Popen, spec: JobSpec, log_path: Path) -> None:
+    def __init__(self, process: subprocess.Popen | ForkedProcess, spec: JobSpec, log_path: Path) -> None:
         self.process = process
         self.spec = spec
         self.job_dir = Path(spec.job_dir)
@@ -213,6 +275,16 @@ def _kill_session(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_our_worker(pid: int) -> bool:

@@ -1,10 +1,14 @@
 """What one of a job's processes does: read the job's spec, run the method's recipe, report the end.
 
-    python -m llama_stack_provider_trl.worker SPEC       one process, or each rank under torchrun
-    python -m llama_stack_provider_trl.worker --standby  the warm spare: import the training stack,
-                                                         then read the spec's path from stdin
+    python -m llama_stack_provider_trl.worker SPEC           one process, or each rank under torchrun
+    python -m llama_stack_provider_trl.worker --fork-server  the warm worker: import the training stack once,
+                                                             then fork a fresh process for each spec path read
+                                                             from stdin ("started PID SPEC" and "exit PID CODE"
+                                                             on stdout)
 
-torchrun owns the processes (RANK, WORLD_SIZE, the rendezvous); this file owns what a rank does.
+torchrun owns the processes (RANK, WORLD_SIZE, the rendezvous); this file owns what a rank does. A forked
+job process starts in milliseconds with everything imported, and exits after its job, so its memory goes
+back to the system; the fork server itself never trains, and never starts CUDA, so its children can.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import select
 import signal
 import sys
 import traceback
@@ -36,7 +41,7 @@ def die_with_parent() -> None:
 
 
 def redirect_output(log: Path) -> None:
-    """The spare was started before its job existed: from here on its output goes to the job's log."""
+    """A forked job process inherits the fork server's output: from here on it goes to the job's log."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -48,20 +53,71 @@ def redirect_output(log: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     die_with_parent()
-    if argv == ["--standby"]:
-        for module in RECIPES.values():
-            importlib.import_module(module)  # the seconds a warm start saves
-        line = sys.stdin.readline().strip()
-        if not line:
-            return 0  # the server closed us unused
-        spec = JobSpec.read(Path(line))
+    if argv == ["--fork-server"]:
+        return fork_server()
+    if len(argv) == 1:
+        return run(JobSpec.read(Path(argv[0])))
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+def fork_server() -> int:
+    """One thread only (forking a process with other threads can leave their locks held in the child):
+    read spec paths, fork, and reap children, in one loop."""
+    for module in RECIPES.values():
+        importlib.import_module(module)  # the seconds each job saves
+    import torch
+
+    say(f"ready cuda_initialized={int(torch.cuda.is_initialized())}")
+    pending = b""
+    while True:
+        readable, _, _ = select.select([0], [], [], 0.2)
+        if readable:
+            chunk = os.read(0, 4096)
+            if not chunk:
+                return 0  # the server is gone or closed us; our children die with us
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                spec_path = line.decode().strip()
+                if spec_path:
+                    say(f"started {fork_job(spec_path)} {spec_path}")
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            say(f"exit {pid} {os.waitstatus_to_exitcode(status)}")
+
+
+def say(line: str) -> None:
+    os.write(1, (line + "\n").encode())
+
+
+def fork_job(spec_path: str) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setsid()  # a session of its own: the server kills the job's process group, not the fork server
+        die_with_parent()
+        spec = JobSpec.read(Path(spec_path))
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
         redirect_output(Path(spec.job_dir) / "worker" / "worker.log")
-    elif len(argv) == 1:
-        spec = JobSpec.read(Path(argv[0]))
-    else:
-        print(__doc__, file=sys.stderr)
-        return 2
-    return run(spec)
+        if spec.devices != ["cpu"]:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(spec.devices)  # read when CUDA starts, in this process
+        code = run(spec)
+    except BaseException:  # noqa: BLE001 - whatever happens, this process must not return into the loop above
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def run(spec: JobSpec) -> int:
