@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,14 @@ from .data import (
     load_rows,
     preference_format,
     preference_rows,
+    require_kind,
     resolve_inside,
     sft_format,
     sft_rows,
     write_jsonl,
 )
 from .jobs import FINAL_STATES, JobRecord, JobTable, now
-from .lora_targets import linear_modules, lora_target_modules
+from .lora_targets import SafetensorsError, linear_modules, lora_target_modules
 from .plan import TrainingPlan, make_plan
 from .scheduler import INTERRUPTED, Scheduler
 
@@ -89,8 +91,7 @@ class TrlPostTrainingImpl:
             self._check_lora(model_dir, request.algorithm_config.lora, "algorithm_config.lora")
 
         async def rows_for(dataset_id: str, field: str) -> list[dict]:
-            rows = await self._rows(dataset_id, field)
-            return preference_rows(rows, preference_format(rows, field))
+            return await self._rows(dataset_id, field, lambda rows: preference_rows(rows, preference_format(rows, field)))
 
         return await self._submit("dpo", request, request.training_config, rows_for, warnings)
 
@@ -112,10 +113,12 @@ class TrlPostTrainingImpl:
         formats: list[str] = []  # the training set's, which the validation set must share
 
         async def rows_for(dataset_id: str, field: str) -> list[dict]:
-            rows = await self._rows(dataset_id, field)
-            fmt = sft_format(rows, field, declared.value if declared else (formats[0] if formats else None))
-            formats.append(fmt)
-            return sft_rows(rows, fmt)
+            def check(rows: list[dict]) -> list[dict]:
+                fmt = sft_format(rows, field, declared.value if declared else (formats[0] if formats else None))
+                formats.append(fmt)
+                return sft_rows(rows, fmt)
+
+            return await self._rows(dataset_id, field, check)
 
         resolved = request.model_copy(update={"model": model})
         return await self._submit("sft", resolved, request.training_config, rows_for, warnings,
@@ -155,9 +158,7 @@ class TrlPostTrainingImpl:
             warnings.extend(plan.warnings)
 
             created = True
-            write_jsonl(train, job_dir / "data" / "train.jsonl")
-            if validation is not None:
-                write_jsonl(validation, job_dir / "data" / "validation.jsonl")
+            await asyncio.to_thread(self._write_snapshot, job_dir, train, validation)
             record = JobRecord(job_uuid=job_uuid, method=method, request=request.model_dump(mode="json"),
                                warnings=warnings, n_rows=len(train))
             await asyncio.wrap_future(self.table.add(record))
@@ -189,9 +190,18 @@ class TrlPostTrainingImpl:
         tc = TrainingConfig.model_validate(record.request["training_config"])
         return make_plan(tc, record.n_rows, self.config)
 
-    async def _rows(self, dataset_id: str, field: str) -> list[dict]:
-        return await load_rows(dataset_id, field=field, datasetio=self.datasetio, roots=self.config.dataset_roots,
-                               max_rows=self.config.limits.max_dataset_rows)
+    async def _rows(self, dataset_id: str, field: str, check: Callable[[list[dict]], list[dict]]) -> list[dict]:
+        """Read, then check and convert the rows in a worker thread: a big dataset takes seconds to
+        check, and on the event loop every route (health included) would wait for it."""
+        rows = await load_rows(dataset_id, field=field, datasetio=self.datasetio, datasets=self.datasets,
+                               roots=self.config.dataset_roots, max_rows=self.config.limits.max_dataset_rows)
+        return await asyncio.to_thread(check, rows)
+
+    @staticmethod
+    def _write_snapshot(job_dir: Path, train: list[dict], validation: list[dict] | None) -> None:
+        write_jsonl(train, job_dir / "data" / "train.jsonl")
+        if validation is not None:
+            write_jsonl(validation, job_dir / "data" / "validation.jsonl")
 
     def _check_model(self, value: str, field: str) -> Path | None:
         """A local model directory inside model_roots (returned), or a hub id (None) for the job to fetch."""
@@ -203,6 +213,7 @@ class TrlPostTrainingImpl:
         path = resolve_inside(value, self.config.model_roots, field)
         if not path.is_dir():
             raise DataError(f"{field}: no model directory at {path}")
+        require_kind(path / "config.json", field, str(path / "config.json"), "file")
         if not (path / "config.json").is_file():
             raise DataError(f"{field}: {path} has no config.json; is it a Hugging Face model directory?")
         return path
@@ -210,7 +221,10 @@ class TrlPostTrainingImpl:
     def _check_lora(self, model_dir: Path | None, lora, field: str) -> None:
         if model_dir is None:
             return  # hub models are checked when the job loads them
-        available = linear_modules(model_dir)
+        try:
+            available = linear_modules(model_dir)
+        except SafetensorsError as exc:
+            raise DataError(f"{field}: {exc}") from None
         if available:
             try:
                 lora_target_modules(lora, available)
