@@ -18,6 +18,7 @@ from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException  # what FastAPI raises for a body it cannot parse
 
 from .models import (
     JOB_UUID_PATTERN,
@@ -71,6 +72,11 @@ class ReadableValidationRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as exc:
                 return error_response(400, describe_validation_errors(list(exc.errors())))
+            except HTTPException as exc:
+                if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+                    # FastAPI's own message ("error parsing the body") does not say what is wrong
+                    return error_response(400, "invalid request: the JSON body is nested too deeply to parse")
+                return error_response(exc.status_code, str(exc.detail))
             except Exception as exc:
                 from llama_stack.core.exceptions.translation import translate_exception
 
