@@ -5,12 +5,13 @@ oversized body into memory. A real server; the bounds on time are generous, ther
 import json
 import select
 import socket
+import subprocess
 import threading
 import time
 
 import httpx
 import pytest
-from stack_server import dpo_request
+from stack_server import StackServer, dpo_request
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +119,32 @@ def test_a_chunked_body_is_stopped_at_the_limit(server):
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert sent < limit + (256 << 20), f"the server read {sent} bytes of a body limited to {limit}"
     assert httpx.get(f"{server.url}/v1/health", timeout=5).status_code == 200
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: a real full disk (mounting one needs root; skipped elsewhere)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_while_snapshotting_the_data_is_a_507(tmp_path, small_disk, tiny_model, seed_file):
+    srv = StackServer(tmp_path / "server", provider={"output_dir": str(small_disk / "out")},
+                      extra_roots=[tiny_model.parent]).start()
+    try:
+        rows = json.loads(seed_file.read_text())["data"]
+        data = tmp_path / "server" / "big.jsonl"
+        data.write_text("".join(json.dumps(rows[i % len(rows)]) + "\n" for i in range(5000)))  # ~1 MB
+        r = httpx.post(f"{srv.url}/v1/post-training/preference-optimize", timeout=60,
+                       json=dpo_request("no-room", str(tiny_model), str(data)))
+        assert r.status_code == 507, r.text
+        assert "No space left on device" in r.json()["error"]["message"]
+        assert "data snapshot" in r.json()["error"]["message"]
+        assert list((small_disk / "out").iterdir()) == []  # the half-written job directory is gone
+        assert httpx.get(f"{srv.url}/v1/post-training/job/status", params={"job_uuid": "no-room"}).status_code == 404
+    finally:
+        srv.stop()
