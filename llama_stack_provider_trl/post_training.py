@@ -213,9 +213,11 @@ class TrlPostTrainingImpl:
         path = resolve_inside(value, self.config.model_roots, field)
         if not path.is_dir():
             raise DataError(f"{field}: no model directory at {path}")
-        require_kind(path / "config.json", field, str(path / "config.json"), "file")
         if not (path / "config.json").is_file():
             raise DataError(f"{field}: {path} has no config.json; is it a Hugging Face model directory?")
+        for entry in path.iterdir():
+            # the job would open these (weights, tokenizer files): a FIFO there would block it for good
+            require_kind(entry, field, str(entry), "any")
         return path
 
     def _check_lora(self, model_dir: Path | None, lora, field: str) -> None:
