@@ -8,7 +8,12 @@ from .config import TrlPostTrainingConfig
 async def get_provider_impl(config: TrlPostTrainingConfig, deps: dict[Any, Any]):
     from llama_stack_api import Api
 
+    from .hardware import training_device
     from .post_training import TrlPostTrainingImpl
+
+    # device: cuda on a machine that cannot train on CUDA is a configuration error: refuse to start,
+    # rather than accept jobs that would all fail
+    training_device(config.device)
 
     impl = TrlPostTrainingImpl(config, datasetio=deps.get(Api.datasetio), datasets=deps.get(Api.datasets))
     await impl.initialize()

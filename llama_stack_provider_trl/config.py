@@ -18,6 +18,13 @@ class Limits(BaseModel):
     max_dataset_rows: int = Field(default=1_000_000, ge=1, description="Most rows a training or validation set may have.")
     max_seq_length: int = Field(default=32768, ge=8, description="Largest max_seq_length a request may ask for.")
     max_total_steps: int = Field(default=1_000_000, ge=1, description="Most optimizer steps one job may run.")
+    max_batch_size: int = Field(default=256, ge=1, description="Largest data_config.batch_size (rows per device step).")
+    max_tokens_per_step: int = Field(
+        default=131072, ge=8,
+        description="Largest batch_size x max_seq_length (x 2 for DPO, which holds chosen and rejected): the tokens "
+        "one device step may hold, which is what bounds a job's activation memory.",
+    )
+    max_queued_jobs: int = Field(default=100, ge=1, description="Most jobs waiting or running at once (429 beyond).")
 
 
 class TrlPostTrainingConfig(BaseModel):
@@ -54,6 +61,17 @@ class TrlPostTrainingConfig(BaseModel):
         description="After a restart, continue jobs that were running or waiting from their last checkpoint; "
         "false marks them failed.",
     )
+    max_resumes_after_crash: int = Field(
+        default=1, ge=0,
+        description="How often a job that was running when the server died without a clean shutdown (the kernel's "
+        "out-of-memory killer is the usual cause) is resumed at the next start; the next time it fails, so a job "
+        "that kills the server cannot do it in a loop. 0: never resumed after a crash.",
+    )
+    failed_job_data_retention_hours: float = Field(
+        default=168.0, ge=0,
+        description="How long failed and cancelled jobs keep their data snapshot (for diagnosis) before it is "
+        "removed; 0 removes it when the job ends. Completed jobs keep theirs until the job is deleted.",
+    )
     model_roots: list[str] = Field(
         default_factory=lambda: [".", "~/.cache/huggingface"],
         description="Local model directories must resolve (after symlinks) inside one of these.",
@@ -62,10 +80,31 @@ class TrlPostTrainingConfig(BaseModel):
         default_factory=lambda: ["."], description="Local dataset files must resolve (after symlinks) inside one of these."
     )
     trust_remote_code: bool = Field(default=False, description="Allow models that ship their own Python code.")
-    preload_training_libraries: bool = Field(
-        default=False,
-        description="Import torch, transformers and TRL in the training thread right after start-up, so the first "
-        "job starts as fast as later ones; costs about 1 GB of memory while idle. false: imported by the first job.",
+    processes_per_job: int = Field(
+        default=1, ge=1, le=64,
+        description="Processes per job, launched by torchrun: one per GPU on CUDA (the job gets that many GPUs), "
+        "or that many processes over the gloo backend on a CPU.",
+    )
+    distributed_strategy: Literal["ddp", "fsdp", "deepspeed_zero3"] = Field(
+        default="ddp",
+        description="How a job's processes share the work when a request does not say: ddp (a model copy per "
+        "device), fsdp or deepspeed_zero3 (sharded, CUDA only).",
+    )
+    max_concurrent_jobs: int | None = Field(
+        default=None, ge=1,
+        description="Most jobs training at once. Absent: 1 on a CPU; on CUDA, as many as the GPUs allow "
+        "(each job holds processes_per_job GPUs).",
+    )
+    warm_worker: bool = Field(
+        default=True,
+        description="Keep one worker process with torch, transformers and TRL already imported, so a "
+        "one-process job starts at once rather than after several seconds of imports; it costs that process's "
+        "memory (about 1 GB) while idle.",
+    )
+    worker_silence_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="A training job whose worker reports no step for this long (a hung collective, a stuck rank) "
+        "is killed and failed.",
     )
     limits: Limits = Field(default_factory=Limits)
 

@@ -4,11 +4,17 @@ stack's key-value store at every change, so it survives restarts.
 Writes come from request handlers (the server's event loop) and from the training
 thread. They all go through one private event loop on a thread of its own, so
 they are applied in the order they were made, whatever thread made them.
+
+A job exists only once its first record is stored: `add` writes before the job
+becomes visible, and a failed write there is a 503 that leaves nothing behind.
+Later writes are retried; one that still fails is logged and shown in the job's
+status, since that state would be lost at a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from concurrent.futures import Future
 from datetime import UTC, datetime
@@ -25,7 +31,12 @@ from .api.models import (
     TrainingProgress,
 )
 
+log = logging.getLogger(__name__)
+
 KEY_PREFIX = "job:"
+# Seconds between tries of a write that failed (a database locked by another process, a full disk):
+# about 30 s in all before the failure is reported.
+RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 FINAL_STATES = (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
 
 
@@ -36,6 +47,16 @@ def now() -> datetime:
 class JobNotFoundError(ResourceNotFoundError):
     def __init__(self, job_uuid: str) -> None:
         super().__init__(job_uuid, "Training job")
+
+
+class StoreUnavailable(RuntimeError):
+    """The job store refused a write the request depends on: a 503, and nothing was kept."""
+
+    status_code = 503
+
+
+class TooManyJobs(RuntimeError):
+    status_code = 429
 
 
 class JobRecord(BaseModel):
@@ -54,6 +75,8 @@ class JobRecord(BaseModel):
     resources_allocated: dict[str, Any] | None = None
     n_rows: int = Field(default=0, description="Training rows accepted; with the request, it fixes the step count.")
     resumed_from_step: int | None = Field(default=None, description="Set when the job continued after a restart.")
+    attempts: int = Field(default=0, description="How many times the job has started training (resumes included).")
+    crashes: int = Field(default=0, description="Starts that ended with the server dying without a clean shutdown.")
 
     @property
     def is_final(self) -> bool:
@@ -71,6 +94,7 @@ class JobRecord(BaseModel):
             progress=self.progress,
             error=self.error,
             warnings=self.warnings,
+            attempts=self.attempts,
         )
 
     def artifacts_response(self) -> PostTrainingJobArtifactsResponse:
@@ -78,11 +102,14 @@ class JobRecord(BaseModel):
 
 
 class JobTable:
-    def __init__(self, kvstore: Any) -> None:
+    def __init__(self, kvstore: Any, retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
         self._kvstore = kvstore
+        self._retry_delays = retry_delays
         self._jobs: dict[str, JobRecord] = {}
         self._lock = threading.Lock()
         self._reserved: set[str] = set()
+        self._next_sequence = 1
+        self._store_errors: dict[str, str] = {}  # job -> why its latest state is not stored
         self._loop = asyncio.new_event_loop()
         self._write_lock = asyncio.Lock()
         self._writer = threading.Thread(target=self._loop.run_forever, name="trl-jobstore", daemon=True)
@@ -94,43 +121,92 @@ class JobTable:
         records = sorted((JobRecord.model_validate_json(v) for v in values), key=lambda r: r.sequence)
         with self._lock:
             self._jobs = {r.job_uuid: r for r in records}
+            self._next_sequence = max((r.sequence for r in records), default=0) + 1
         return records
 
     def _persist(self, record: JobRecord) -> Future:
         payload = record.model_dump_json()
         return asyncio.run_coroutine_threadsafe(self._write(record.job_uuid, payload), self._loop)
 
-    async def _write(self, job_uuid: str, payload: str) -> None:
+    async def _write(self, job_uuid: str, payload: str, retry: bool = True) -> None:
         # Each write is its own task; without the lock, a later state could commit before an
         # earlier one and be overwritten by it. asyncio.Lock wakes waiters in FIFO order.
         async with self._write_lock:
-            await self._kvstore.set(KEY_PREFIX + job_uuid, payload)
+            delays = self._retry_delays if retry else ()
+            for attempt in range(len(delays) + 1):
+                try:
+                    await self._kvstore.set(KEY_PREFIX + job_uuid, payload)
+                except Exception as exc:  # noqa: BLE001 - any store failure is retried, then reported
+                    if attempt == len(delays):
+                        if retry:
+                            self._store_failed(job_uuid, exc)
+                        raise
+                    await asyncio.sleep(delays[attempt])
+                else:
+                    if attempt or job_uuid in self._store_errors:
+                        log.info("job store: job %s stored again after %d retries", job_uuid, attempt)
+                    self._store_errors.pop(job_uuid, None)
+                    return
+
+    def _store_failed(self, job_uuid: str, exc: Exception) -> None:
+        message = (f"job store: this job's latest state could not be saved ({type(exc).__name__}: {exc}); "
+                   "it will be lost if the server restarts before a later save succeeds")
+        log.error("job %s: %s", job_uuid, message)
+        self._store_errors[job_uuid] = message
 
     def snapshot(self, job_uuid: str) -> JobRecord:
         with self._lock:
             record = self._jobs.get(job_uuid)
             if record is None:
                 raise JobNotFoundError(job_uuid)
-            return record.model_copy(deep=True)
+            record = record.model_copy(deep=True)
+        problem = self._store_errors.get(job_uuid)
+        if problem:
+            record.warnings.append(problem)
+        return record
 
     def all(self) -> list[JobRecord]:
         with self._lock:
             return sorted((r.model_copy() for r in self._jobs.values()), key=lambda r: r.sequence)
 
-    def add(self, record: JobRecord) -> Future:
+    def active_count(self) -> int:
+        """Jobs waiting or running, and requests being validated that may become jobs."""
+        with self._lock:
+            return sum(not r.is_final for r in self._jobs.values()) + len(self._reserved)
+
+    async def add(self, record: JobRecord) -> None:
+        """Store a new job's record, then make it visible. Raises StoreUnavailable if the store
+        refuses it; the job then does not exist anywhere."""
         with self._lock:
             if record.job_uuid in self._jobs:
                 raise ConflictError(f"job_uuid '{record.job_uuid}' already exists; choose another one")
-            record.sequence = max((r.sequence for r in self._jobs.values()), default=0) + 1
+            record.sequence = self._next_sequence
+            self._next_sequence += 1
+        payload = record.model_dump_json()
+        future = asyncio.run_coroutine_threadsafe(self._write(record.job_uuid, payload, retry=False), self._loop)
+        try:
+            await asyncio.wrap_future(future)
+        except Exception as exc:
+            log.error("job %s: the job store refused its record: %s", record.job_uuid, exc)
+            raise StoreUnavailable(
+                f"the job store could not record job '{record.job_uuid}' ({type(exc).__name__}: {exc}); "
+                "nothing was queued, try again"
+            ) from None
+        with self._lock:
             self._jobs[record.job_uuid] = record
             self._reserved.discard(record.job_uuid)
-            return self._persist(record.model_copy(deep=True))
 
-    def reserve(self, job_uuid: str) -> None:
-        """Claim a job_uuid while its request is validated, so two requests can't both take it."""
+    def reserve(self, job_uuid: str, max_active: int | None = None) -> None:
+        """Claim a job_uuid while its request is validated, so two requests can't both take it.
+        With max_active, refuse (429) when that many jobs are already waiting or running."""
         with self._lock:
             if job_uuid in self._jobs or job_uuid in self._reserved:
                 raise ConflictError(f"job_uuid '{job_uuid}' already exists; choose another one")
+            if max_active is not None:
+                active = sum(not r.is_final for r in self._jobs.values()) + len(self._reserved)
+                if active >= max_active:
+                    raise TooManyJobs(f"{active} jobs are already waiting or running, the provider's "
+                                      f"limits.max_queued_jobs ({max_active}); try again when some have finished")
             self._reserved.add(job_uuid)
 
     def release(self, job_uuid: str) -> None:
@@ -145,14 +221,42 @@ class JobTable:
                 setattr(record, key, value)
             return self._persist(record.model_copy(deep=True)) if persist else None
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait until every write made so far has reached the store."""
-        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self._loop).result(timeout)
+    async def delete(self, job_uuid: str) -> JobRecord:
+        """Remove a finished job's record from the store, then from memory; returns it."""
+        record = self.snapshot(job_uuid)
+        if not record.is_final:
+            raise ConflictError(f"job '{job_uuid}' is {record.status.value}; cancel it and wait for it to end "
+                                "before deleting it")
 
-    def close(self) -> None:
-        self.flush()
+        async def remove() -> None:
+            async with self._write_lock:
+                await self._kvstore.delete(KEY_PREFIX + job_uuid)
+
+        try:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(remove(), self._loop))
+        except Exception as exc:
+            raise StoreUnavailable(f"the job store could not delete job '{job_uuid}' ({type(exc).__name__}: "
+                                   f"{exc}); nothing was deleted, try again") from None
+        with self._lock:
+            self._jobs.pop(job_uuid, None)
+        self._store_errors.pop(job_uuid, None)
+        return record
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every write made so far has reached the store (or given up)."""
+        async def barrier() -> None:
+            async with self._write_lock:
+                pass
+
+        asyncio.run_coroutine_threadsafe(barrier(), self._loop).result(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        try:
+            self.flush(timeout)
+        except TimeoutError:
+            log.error("job store: writes still pending at shutdown; the latest job states may be lost")
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._writer.join(timeout=5)
 
 
-__all__ = ["JobRecord", "JobTable", "JobNotFoundError", "FINAL_STATES", "now"]
+__all__ = ["JobRecord", "JobTable", "JobNotFoundError", "StoreUnavailable", "TooManyJobs", "FINAL_STATES", "now"]

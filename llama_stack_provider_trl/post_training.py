@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,21 @@ from .data import (
     sft_rows,
     write_jsonl,
 )
+from .executors import LocalExecutor
+from .hardware import training_device
 from .jobs import FINAL_STATES, JobRecord, JobTable, now
 from .lora_targets import SafetensorsError, linear_modules, lora_target_modules
-from .plan import TrainingPlan, make_plan
-from .scheduler import INTERRUPTED, Scheduler
+from .plan import TrainingPlan, check_memory_limits, make_plan
+from .scheduler import CRASHED, INTERRUPTED, Scheduler, read_result
 
 log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 SHUTDOWN_BUDGET_S = 4.5  # Llama Stack gives each provider 5 s to shut down
+# Directories in output_dir that are not jobs: the hub download cache (recipes/common.py), and where
+# start-up sets aside job directories that have no record.
+NOT_JOBS = ("hub-cache", ".orphaned")
+SEQUENCES_PER_ROW = {"dpo": 2, "sft": 1}  # DPO trains on chosen and rejected
 
 
 class TrlPostTrainingImpl:
@@ -63,16 +70,56 @@ class TrlPostTrainingImpl:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.table = JobTable(await kvstore_impl(self.config.kvstore))
         records = await self.table.load()
-        self.scheduler = Scheduler(self.table, self.config, self._plan_for)
+        self._set_aside_orphans({r.job_uuid for r in records})
+        executor = LocalExecutor(self.config)
+        gpus = executor.devices()
+        if gpus != ["cpu"] and self.config.processes_per_job > len(gpus):
+            raise ValueError(f"processes_per_job: {self.config.processes_per_job} processes need as many GPUs, and "
+                             f"this machine shows {len(gpus)} ({', '.join(gpus)})")
+        self.scheduler = Scheduler(self.table, self.config, self._plan_for, executor)
         for record in records:
-            if record.is_final:
-                continue
-            if self.config.resume_interrupted_jobs:
-                self.table.update(record.job_uuid, status=JobStatus.scheduled)
-                self.scheduler.submit(record.job_uuid)
-            else:
-                self.table.update(record.job_uuid, status=JobStatus.failed, error=INTERRUPTED, completed_at=now())
+            if not record.is_final:
+                self._recover(record)
         self.scheduler.start()
+
+    def _recover(self, record: JobRecord) -> None:
+        """A job that was waiting or running when the server stopped: finished, resumed or failed."""
+        job_uuid = record.job_uuid
+        checkpoints = read_result(self.output_dir / job_uuid)
+        if checkpoints is not None:  # its artifacts were complete; only the record missed it
+            self.table.update(job_uuid, status=JobStatus.completed, checkpoints=checkpoints,
+                              completed_at=record.completed_at or now(),
+                              warnings=[*record.warnings, "completed before the server stopped; recorded at restart"])
+            return
+        if not self.config.resume_interrupted_jobs:
+            self.table.update(job_uuid, status=JobStatus.failed, error=INTERRUPTED, completed_at=now())
+            return
+        if record.status == JobStatus.in_progress:
+            # a clean shutdown sets a running job back to scheduled: this one was running when the server died
+            crashes = record.crashes + 1
+            if crashes > self.config.max_resumes_after_crash:
+                Scheduler.discard(self.output_dir / job_uuid)
+                self.table.update(job_uuid, status=JobStatus.failed, crashes=crashes, completed_at=now(),
+                                  error=f"{CRASHED}; not resumed again after {record.attempts} attempt(s) "
+                                        f"(the provider's max_resumes_after_crash is {self.config.max_resumes_after_crash})")
+                return
+            self.table.update(job_uuid, status=JobStatus.scheduled, crashes=crashes,
+                              warnings=[*record.warnings, f"{CRASHED}; resuming, attempt {record.attempts + 1}"])
+        self.scheduler.submit(job_uuid)
+
+    def _set_aside_orphans(self, known: set[str]) -> None:
+        """Job directories without a record (the server was killed while accepting the job) would make
+        their id a 409 forever: move them to output_dir/.orphaned, where nothing is lost."""
+        aside = self.output_dir / ".orphaned"
+        for child in self.output_dir.iterdir():
+            if child.name in known or child.name in NOT_JOBS or child.name.startswith(".") or not child.is_dir():
+                continue
+            target = aside / child.name
+            if target.exists():
+                target = aside / f"{child.name}.{int(time.time())}"
+            aside.mkdir(exist_ok=True)
+            child.rename(target)
+            log.warning("job directory %s has no job record: moved to %s", child, target)
 
     async def shutdown(self) -> None:
         if self.scheduler is not None:
@@ -85,6 +132,8 @@ class TrlPostTrainingImpl:
     async def preference_optimize(self, request: PreferenceOptimizeRequest) -> PostTrainingJob:
         warnings = request.algorithm_config.ignored_fields()
         model_dir = self._check_model(request.finetuned_model, "finetuned_model")
+        if model_dir is not None:  # the job uses the directory checked now, whatever a symlink says later
+            request = request.model_copy(update={"finetuned_model": str(model_dir)})
         if request.algorithm_config.lora is not None:
             if request.algorithm_config.lora.quantize_base:
                 self._check_quantize_base()
@@ -120,7 +169,8 @@ class TrlPostTrainingImpl:
 
             return await self._rows(dataset_id, field, check)
 
-        resolved = request.model_copy(update={"model": model})
+        # the job uses the directory checked now, whatever a symlink says later
+        resolved = request.model_copy(update={"model": str(model_dir) if model_dir is not None else model})
         return await self._submit("sft", resolved, request.training_config, rows_for, warnings,
                                   hold_out_fraction=self.config.validation_fraction)
 
@@ -128,11 +178,14 @@ class TrlPostTrainingImpl:
                       hold_out_fraction: float = 0.0) -> PostTrainingJob:
         assert self.table is not None and self.scheduler is not None
         job_uuid = request.job_uuid
-        self.table.reserve(job_uuid)  # 409 for a duplicate, before any work
+        check_storable(request)
+        check_memory_limits(tc, self.config, SEQUENCES_PER_ROW[method])
+        # 409 for a duplicate, 429 for a full queue, before any work
+        self.table.reserve(job_uuid, max_active=self.config.limits.max_queued_jobs)
         job_dir = self.output_dir / job_uuid
         created = False
         try:
-            if job_dir.exists():
+            if job_dir.exists() or job_uuid in NOT_JOBS:
                 raise ConflictError(f"job_uuid '{job_uuid}': {job_dir} already exists from an earlier job; choose another id")
             if request.hyperparam_search_config:
                 warnings.append("hyperparam_search_config ignored: no hyperparameter search")
@@ -147,7 +200,7 @@ class TrlPostTrainingImpl:
             elif hold_out_fraction > 0:
                 # split here, not in the job, so the plan counts the rows actually trained on
                 n_rows = len(train)
-                train, validation = hold_out(train, hold_out_fraction)
+                train, validation = await asyncio.to_thread(hold_out, train, hold_out_fraction)
                 if validation:
                     warnings.append(f"validation: {len(validation)} of {n_rows} training rows held out "
                                     f"(the provider's validation_fraction, {hold_out_fraction})")
@@ -161,7 +214,7 @@ class TrlPostTrainingImpl:
             await asyncio.to_thread(self._write_snapshot, job_dir, train, validation)
             record = JobRecord(job_uuid=job_uuid, method=method, request=request.model_dump(mode="json"),
                                warnings=warnings, n_rows=len(train))
-            await asyncio.wrap_future(self.table.add(record))
+            await self.table.add(record)  # 503 if the store refuses it; the job then exists nowhere
         except BaseException:
             self.table.release(job_uuid)
             if created:
@@ -182,12 +235,33 @@ class TrlPostTrainingImpl:
     async def cancel_training_job(self, job_uuid: str) -> None:
         status = self.scheduler.cancel(job_uuid)
         if status in FINAL_STATES and status != JobStatus.cancelled:
-            raise ConflictError(f"job '{job_uuid}' already {status.value}; only scheduled or running jobs can be cancelled")
+            raise ConflictError(f"job '{job_uuid}' already {status.value}; only scheduled or running jobs can be "
+                                "cancelled (the cancel came too late)")
+
+    async def delete_training_job(self, job_uuid: str) -> None:
+        """A finished job's record, then its files (a directory left by a failure here is set aside at start-up)."""
+        await self.table.delete(job_uuid)
+        await asyncio.to_thread(shutil.rmtree, self.output_dir / job_uuid, True)
 
     # ---- checks -----------------------------------------------------------------------------
 
     def _plan_for(self, record: JobRecord) -> TrainingPlan:
+        """The job's plan under the provider's config now (it may have changed since the job was accepted);
+        raises, failing that job alone, when the job can no longer run as it was accepted."""
         tc = TrainingConfig.model_validate(record.request["training_config"])
+        check_memory_limits(tc, self.config, SEQUENCES_PER_ROW[record.method])
+        snapshot = self.output_dir / record.job_uuid / "data" / "train.jsonl"
+        if not snapshot.is_file():
+            raise FileNotFoundError(f"the job's data snapshot {snapshot} is gone")
+        model = record.request.get("finetuned_model") or record.request.get("model")
+        if model and Path(model).is_absolute():
+            checked = Path(model)
+            if checked.resolve() != checked:
+                raise PermissionError(f"the model directory {checked} now resolves to {checked.resolve()}: "
+                                      "a symlink on its path changed after the job was accepted; submit it again")
+            resolve_inside(model, self.config.model_roots, "model")
+            if not (checked / "config.json").is_file():
+                raise FileNotFoundError(f"the model directory {checked} is gone (no config.json)")
         return make_plan(tc, record.n_rows, self.config)
 
     async def _rows(self, dataset_id: str, field: str, check: Callable[[list[dict]], list[dict]]) -> list[dict]:
@@ -238,5 +312,28 @@ class TrlPostTrainingImpl:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("algorithm_config.quantize_base: QLoRA needs the bitsandbytes package, which is not installed")
-        if self.config.device == "cpu":
-            raise ValueError("algorithm_config.quantize_base: QLoRA needs a CUDA device; the provider's device is cpu")
+        if training_device(self.config.device) != "cuda":
+            raise ValueError("algorithm_config.quantize_base: QLoRA needs a CUDA device, and this provider trains "
+                             f"on the CPU (device: {self.config.device})")
+
+
+def check_storable(request: Any) -> None:
+    """The job store keeps requests as UTF-8 JSON: a lone surrogate (\\ud800, say) cannot be stored,
+    so it is a 400 naming the field before any work, not a failure after the job was accepted."""
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"{path or 'request'}: contains {value[exc.start]!r}, a lone surrogate, which is "
+                                 "not valid Unicode text") from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(key, path)
+                walk(item, f"{path}.{key}" if path else str(key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                walk(item, f"{path}[{index}]")
+
+    walk(request.model_dump(mode="python"), "")

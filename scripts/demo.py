@@ -1,13 +1,18 @@
 """The seed README's flow, end to end: build the tiny model, start `llama stack run run.yaml`,
 register test_dpo_data.json, send the seed's DPO request, poll status with progress, print the artifacts.
 
-Run it through scripts/demo.sh, which installs everything first.
+Run it through scripts/demo.sh, which installs everything first. `--serve` keeps the server running
+afterwards (until Ctrl-C), for the README's examples. Environment: DEMO_PORT (default 8321). Each run starts
+from an empty out/demo (the server's SQLITE_STORE_DIR and TRL_OUTPUT_DIR), so the README's fixed job ids
+can be used again.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,10 +33,14 @@ def show(title: str, obj) -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--serve", action="store_true", help="keep the server running after the demo, until Ctrl-C")
+    args = parser.parse_args()
     model = REPO / "models" / "tiny-llama"
     if not (model / "config.json").exists():
         subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_model.py"), str(model),
                         "--corpus", str(REPO / "test_dpo_data.json")], check=True)
+    shutil.rmtree(STATE, ignore_errors=True)
     STATE.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SQLITE_STORE_DIR": str(STATE), "TRL_OUTPUT_DIR": str(STATE / "post_training")}
     log = (STATE / "server.log").open("w")
@@ -87,6 +96,12 @@ def main() -> int:
             return 1
         path = artifacts["checkpoints"][0]["path"]
         print(f"\nLoad it with: AutoModelForCausalLM.from_pretrained({path!r})")
+        if args.serve:
+            print(f"\n=== serving on {URL} (the README's examples run against it); Ctrl-C stops it")
+            try:
+                server.wait()
+            except KeyboardInterrupt:
+                pass
         return 0
     finally:
         server.send_signal(signal.SIGTERM)

@@ -66,13 +66,21 @@ class DPOLossType(StrEnum):
     sigmoid_norm = "sigmoid_norm"
 
 
+# TRL refuses exo_pair without label smoothing (it takes its log); the EXO paper recommends 1e-3.
+EXO_PAIR_LABEL_SMOOTHING = 1e-3
+LABEL_SMOOTHING_LOSSES = (DPOLossType.exo_pair, DPOLossType.robust, DPOLossType.aot, DPOLossType.aot_unpaired)
+
+
 class DataConfig(_Strict):
     dataset_id: str = Field(
         min_length=1,
         description="A dataset registered through /v1beta/datasets, or a local .json/.jsonl file inside the "
         "provider's dataset_roots.",
     )
-    batch_size: int = Field(default=1, ge=1, le=4096, description="Per-device batch size.")
+    batch_size: int = Field(
+        default=1, ge=1, le=4096,
+        description="Rows per optimizer step (the global batch), shared out over the job's processes and "
+        "gradient_accumulation_steps.")
     shuffle: bool = Field(default=True, description="Shuffle the training rows each epoch.")
     data_format: DatasetFormat | None = Field(
         default=None, description="SFT row format; detected from the rows when absent. Ignored by DPO."
@@ -100,8 +108,16 @@ class EfficiencyConfig(_Strict):
         default=None, description="Gradient checkpointing; the provider's gradient_checkpointing when absent."
     )
     enable_activation_offloading: bool | None = Field(default=False, description="Offload activations to the CPU.")
-    memory_efficient_fsdp_wrap: bool | None = Field(default=False, description="Not used: training is single-device.")
-    fsdp_cpu_offload: bool | None = Field(default=False, description="Not used: training is single-device.")
+    memory_efficient_fsdp_wrap: bool | None = Field(
+        default=False, description="Shard the model with FSDP, wrapping each transformer layer (CUDA only).")
+    fsdp_cpu_offload: bool | None = Field(
+        default=False, description="Shard with FSDP (or DeepSpeed ZeRO-3) and keep parameters and optimizer state in "
+        "CPU memory between uses (CUDA only).")
+    distributed_strategy: Literal["ddp", "fsdp", "deepspeed_zero3"] | None = Field(
+        default=None, description="Extension: how the job's processes share the work. ddp: a full copy of the model "
+        "on each device; fsdp and deepspeed_zero3 shard weights, gradients and optimizer state over the devices, for "
+        "models that do not fit one (CUDA only). Absent: the provider's distributed_strategy, or fsdp when an FSDP "
+        "field above is set.")
 
 
 class TrainingConfig(_Strict):
@@ -187,6 +203,13 @@ class DPOAlignmentConfig(_Strict):
         default=None, gt=0, le=100, description="DPO temperature; the provider's dpo_beta when absent."
     )
     loss_type: DPOLossType = DPOLossType.sigmoid
+    label_smoothing: float | None = Field(
+        default=None, ge=0, lt=1,
+        description="Extension, for the losses that use it (TRL's label_smoothing): robust, the probability that a "
+        "preference label is flipped, in [0, 0.5), default 0; exo_pair, the EXO paper's epsilon, above 0, default "
+        f"{EXO_PAIR_LABEL_SMOOTHING} (the paper's recommendation); aot and aot_unpaired, default 0. Any other "
+        "loss_type: a 400.",
+    )
     precompute_ref_log_probs: bool | None = Field(
         default=None,
         description="Extension: compute the reference log-probs once before training and keep no reference model. "
@@ -211,6 +234,31 @@ class DPOAlignmentConfig(_Strict):
                 + ", ".join(t.value for t in DPOLossType)
             )
         return data
+
+    @model_validator(mode="after")
+    def _check_label_smoothing(self) -> DPOAlignmentConfig:
+        value, loss = self.label_smoothing, self.loss_type
+        if value is None:
+            return self
+        if loss not in LABEL_SMOOTHING_LOSSES:
+            raise ValueError(
+                f"algorithm_config.label_smoothing is used only by the loss types "
+                f"{', '.join(t.value for t in LABEL_SMOOTHING_LOSSES)}, not by '{loss.value}'"
+            )
+        if loss == DPOLossType.exo_pair and value == 0:
+            # EXO takes log(epsilon)
+            raise ValueError("algorithm_config.label_smoothing must be above 0 for loss_type 'exo_pair' "
+                             f"(the EXO paper recommends {EXO_PAIR_LABEL_SMOOTHING})")
+        if loss == DPOLossType.robust and value >= 0.5:
+            raise ValueError("algorithm_config.label_smoothing must be below 0.5 for loss_type 'robust' "
+                             "(it is the probability that a preference label is flipped)")
+        return self
+
+    def trl_label_smoothing(self) -> float:
+        """What TRL gets: the request's value, else the default of its loss."""
+        if self.label_smoothing is not None:
+            return self.label_smoothing
+        return EXO_PAIR_LABEL_SMOOTHING if self.loss_type == DPOLossType.exo_pair else 0.0
 
     def ignored_fields(self) -> list[str]:
         return [f"algorithm_config.{name} ignored: TRL's DPO has no equivalent"
@@ -293,6 +341,8 @@ class PostTrainingJobStatusResponse(BaseModel):
     progress: TrainingProgress | None = Field(default=None, description="Extension.")
     error: str | None = Field(default=None, description="Extension: why the job failed.")
     warnings: list[str] = Field(default_factory=list, description="Extension: fields accepted but not used, etc.")
+    attempts: int = Field(default=0, description="Extension: how many times the job has started training; more "
+                          "than one after a resume.")
 
 
 class PostTrainingJobArtifactsResponse(BaseModel):

@@ -146,6 +146,12 @@ def create_router(impl: PostTraining | None) -> APIRouter:
     async def job_cancel(request: Annotated[CancelTrainingJobRequest, Body()]) -> None:
         await _impl().cancel_training_job(request.job_uuid)
 
+    async def job_delete(request: Annotated[CancelTrainingJobRequest, Body()]) -> None:
+        await _impl().delete_training_job(request.job_uuid)
+
+    async def job_delete_by_path(job_uuid: JobUuidPath) -> None:
+        await _impl().delete_training_job(job_uuid)
+
     async def job_status_by_path(job_uuid: JobUuidPath) -> PostTrainingJobStatusResponse:
         return await _impl().get_training_job_status(job_uuid)
 
@@ -169,6 +175,8 @@ def create_router(impl: PostTraining | None) -> APIRouter:
                              response_model=PostTrainingJobArtifactsResponse, summary="Get a training job's checkpoints.")
         router.add_api_route(f"{base}/job/cancel", job_cancel, methods=["POST"], status_code=200,
                              summary="Cancel a training job.")
+        router.add_api_route(f"{base}/job/delete", job_delete, methods=["POST"], status_code=200,
+                             summary="Delete a finished training job: its record and every file it wrote.")
 
     base = "/v1alpha/post-training/jobs/{job_uuid}"
     router.add_api_route(f"{base}/status", job_status_by_path, methods=["GET"],
@@ -177,4 +185,6 @@ def create_router(impl: PostTraining | None) -> APIRouter:
                          response_model=PostTrainingJobArtifactsResponse, summary="Get a training job's checkpoints.")
     router.add_api_route(f"{base}/cancel", job_cancel_by_path, methods=["POST"], status_code=200,
                          summary="Cancel a training job.")
+    router.add_api_route(base, job_delete_by_path, methods=["DELETE"], status_code=200,
+                         summary="Delete a finished training job: its record and every file it wrote.")
     return router

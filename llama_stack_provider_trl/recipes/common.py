@@ -1,6 +1,7 @@
 """What every recipe does the same way: pick the device and precision, load the
-model, report progress and obey cancel/shutdown through a TrainerCallback, and
-save the final model as an artifact. Imports torch and transformers."""
+model, report progress and stop for a shutdown through a TrainerCallback, and
+save the final model as an artifact. Runs in a job's worker processes; imports
+torch and transformers."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from ..api.models import Checkpoint, PostTrainingMetric
+from ..hardware import training_device
 from ..jobs import now
 from .context import JobContext
 
@@ -25,21 +27,20 @@ log = logging.getLogger(__name__)
 
 
 def _freeze_long_lived_objects() -> None:
-    """Once, when the first job imports the recipes: collect, then move every object alive now (the server,
-    torch, transformers, TRL: about half a million) out of the garbage collector's reach. Otherwise each
-    full collection walks them all, holding the GIL for 0.2-0.3 s: a stall in training and in every status
-    request made meanwhile (measured in bench/RESULTS.md). Objects made later, the jobs' own, are collected as usual."""
+    """Once, when the worker imports the recipes: collect, then move every object alive now (torch,
+    transformers, TRL: about half a million) out of the garbage collector's reach. Otherwise each full
+    collection walks them all, a 0.2-0.3 s stall in training (measured in bench/RESULTS.md). Objects made
+    later, the job's own, are collected as usual."""
     gc.collect()
     gc.freeze()
 
 
 _freeze_long_lived_objects()
 
-# torch's intra-op thread count as it was when the first job imported this module (in the training thread).
+# torch's intra-op thread count as it was when the worker imported this module.
 DEFAULT_CPU_THREADS = torch.get_num_threads()
 # Models narrower than this train on one CPU thread: their ops are too small to split across cores, and the
-# OpenMP barrier of every op costs more than it saves, and far more when the server's own threads (status requests)
-# or other processes take a core. Measured on 2 cores (bench/RESULTS.md): the tiny preset (hidden 64) trains
+# OpenMP barrier of every op costs more than it saves, and far more when other processes take a core. Measured on 2 cores (bench/RESULTS.md): the tiny preset (hidden 64) trains
 # 5-8x faster with one thread; the 34m preset (hidden 512) gains a little from two.
 SMALL_HIDDEN_SIZE = 256
 
@@ -53,10 +54,11 @@ REPORTED_METRICS = (
 def resolve_device(ctx: JobContext) -> tuple[str, str, list[str]]:
     """(device, precision, warnings): bf16/fp16 only where the device runs them fast."""
     warnings: list[str] = []
-    wanted = ctx.config.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("the provider's device is 'cuda' but torch sees no CUDA device")
-    device = "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+    # the server's answer (hardware.py, no torch), so a job trains where its request was checked for
+    device = training_device(ctx.config.device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the NVIDIA driver reports a GPU, but torch cannot use it (torch.cuda.is_available() is "
+                           "false); set the provider's device to cpu")
     dtype = ctx.plan.dtype
     if device == "cpu":
         return device, _cpu_precision(ctx, dtype, warnings), warnings
@@ -103,13 +105,13 @@ def _hidden_size(ctx: JobContext) -> int | None:
         return None
 
 
-def configure_cpu_threads(model, device: str) -> int:
-    """Intra-op threads for this job (set in the training thread, where the forward and backward run):
-    one for small models, torch's default otherwise. Returns the count used."""
+def configure_cpu_threads(model, device: str, world_size: int = 1) -> int:
+    """Intra-op threads for this process: one for small models, else the cores shared out among the
+    job's processes. Returns the count used."""
     if device != "cpu":
         return torch.get_num_threads()
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    threads = 1 if hidden is not None and hidden < SMALL_HIDDEN_SIZE else DEFAULT_CPU_THREADS
+    threads = 1 if hidden is not None and hidden < SMALL_HIDDEN_SIZE else max(1, DEFAULT_CPU_THREADS // world_size)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
@@ -119,6 +121,10 @@ def load_model_and_tokenizer(model_ref: str, ctx: JobContext, **model_kwargs: An
     """A local directory, or a hub id for users who have the hub; a clear error offline.
     model_kwargs go to from_pretrained (a quantization_config, say)."""
     local = Path(model_ref).expanduser()
+    if local.is_dir():
+        # absolute, because the model remembers the path it was loaded from (config._name_or_path) and a LoRA
+        # adapter saves it as base_model_name_or_path: a relative one would load only from the server's directory
+        local = local.resolve()
     kwargs: dict[str, Any] = {"trust_remote_code": ctx.config.trust_remote_code}
     if not local.is_dir():
         # hub downloads go under the provider's output_dir, like everything else it writes
@@ -142,13 +148,14 @@ def load_model_and_tokenizer(model_ref: str, ctx: JobContext, **model_kwargs: An
 
 
 def trainer_arguments(ctx: JobContext, device: str, precision: str) -> dict[str, Any]:
-    """TrainingArguments shared by every recipe. Chosen for speed on one device: no
-    worker processes, no eval unless asked, no padding beyond the batch's longest row."""
+    """TrainingArguments shared by every recipe. Chosen for speed: no dataloader worker processes,
+    no eval unless asked, no padding beyond the batch's longest row. With several processes the
+    Trainer joins the process group torchrun set up (gloo on the CPU, NCCL on GPUs)."""
     plan = ctx.plan
     args: dict[str, Any] = dict(
         output_dir=str(ctx.checkpoints_dir),
         max_steps=plan.max_steps,
-        per_device_train_batch_size=plan.batch_size,
+        per_device_train_batch_size=plan.per_device_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         learning_rate=plan.learning_rate,
         weight_decay=plan.weight_decay,
@@ -171,7 +178,27 @@ def trainer_arguments(ctx: JobContext, device: str, precision: str) -> dict[str,
     )
     if plan.optim:
         args["optim"] = plan.optim
+    if ctx.world_size > 1:
+        args["ddp_backend"] = "gloo" if device == "cpu" else "nccl"
+    if plan.strategy == "fsdp":
+        args["fsdp"] = "full_shard auto_wrap" + (" offload" if plan.fsdp_cpu_offload else "")
+        args["fsdp_config"] = {"use_orig_params": True, "cpu_ram_efficient_loading": plan.fsdp_cpu_offload}
+    elif plan.strategy == "deepspeed_zero3":
+        args["deepspeed"] = deepspeed_zero3_config(plan)
     return args
+
+
+def deepspeed_zero3_config(plan) -> dict[str, Any]:
+    """ZeRO stage 3: parameters, gradients and optimizer state sharded over the job's GPUs; "auto"
+    values are filled in by the Trainer from its own arguments."""
+    offload = {"device": "cpu", "pin_memory": True} if plan.fsdp_cpu_offload else {"device": "none"}
+    return {
+        "zero_optimization": {"stage": 3, "offload_param": offload, "offload_optimizer": offload,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto", "gradient_clipping": "auto",
+    }
 
 
 def validation_dataset(ctx: JobContext):
@@ -186,7 +213,7 @@ def validation_dataset(ctx: JobContext):
         return None
     rows = read_jsonl(path)
     if ctx.plan.max_validation_steps:
-        rows = rows[: ctx.plan.max_validation_steps * ctx.plan.batch_size]
+        rows = rows[: ctx.plan.max_validation_steps * ctx.plan.per_device_batch_size * ctx.world_size]
     return Dataset.from_list(rows)
 
 
@@ -237,13 +264,13 @@ def evaluation_arguments(ctx: JobContext, validation) -> dict[str, Any]:
     return {
         "eval_strategy": "steps",
         "eval_steps": ctx.plan.steps_per_epoch,
-        "per_device_eval_batch_size": ctx.plan.batch_size,
+        "per_device_eval_batch_size": ctx.plan.per_device_batch_size,
         "prediction_loss_only": True,  # else a second forward pass per batch computes logits nobody reads
     }
 
 
 class JobCallback(TrainerCallback):
-    """Progress into the job record; cancel and shutdown out of it."""
+    """Progress out to the server (rank 0); a shutdown's stop request in, agreed by every rank."""
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
@@ -279,20 +306,41 @@ class JobCallback(TrainerCallback):
         self.ctx.report(
             persist=False,
             step=state.global_step,
-            epoch=round(float(state.epoch or 0.0), 4),
+            epoch=round(request_epoch(state, self.ctx), 4),
             elapsed_seconds=round(elapsed, 3),
             eta_seconds=round(elapsed / done * remaining, 1) if done else None,
         )
         if state.global_step >= state.max_steps:
             control.should_save = False  # the final model is saved as the artifact instead
             control.should_log = True  # so short jobs report a loss too
-        if self.ctx.cancel_requested.is_set():
-            control.should_training_stop = True
-            control.should_save = False
-        elif self.ctx.shutdown_requested.is_set():
+        elif self._stop_agreed():
             control.should_training_stop = True
             control.should_save = True  # a resumable checkpoint at this step
         return control
+
+    def _stop_agreed(self) -> bool:
+        """Every rank must stop at the same step, or the others wait forever in the next collective:
+        they agree on whether any of them has seen the stop request."""
+        stop = self.ctx.stop_requested()
+        if self.ctx.world_size == 1:
+            return stop
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @property
+    def device(self):
+        backend = torch.distributed.get_backend()
+        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def request_epoch(state, ctx: JobContext) -> float:
+    """Epochs as the request counts them: max_steps_per_epoch steps each. TRL's state.epoch counts passes over
+    the data instead, which differ whenever max_steps_per_epoch ends an epoch early (n_epochs 200 at one step of
+    four each would show epoch 50). max_steps / n_epochs rather than plan.steps_per_epoch: packing (SFT) changes
+    the steps per epoch after the plan was made, and max_steps with it."""
+    per_epoch = (state.max_steps or ctx.plan.max_steps) / max(1, ctx.plan.n_epochs)
+    return state.global_step / per_epoch if per_epoch else 0.0
 
 
 def _finite(value: Any) -> bool:
@@ -303,37 +351,43 @@ def _finite(value: Any) -> bool:
 
 
 def run_training(trainer, ctx: JobContext) -> None:
-    configure_cpu_threads(trainer.model, next(trainer.model.parameters()).device.type)
+    configure_cpu_threads(trainer.model, next(trainer.model.parameters()).device.type, ctx.world_size)
     trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     if trainer.state.global_step < trainer.state.max_steps:
-        ctx.raise_if_stopped()  # stopped early by cancel or shutdown; a finished run is saved regardless
+        ctx.raise_if_stopped()  # stopped early for a shutdown; a finished run is saved regardless
 
 
 def save_artifacts(trainer, ctx: JobContext, lora: bool) -> list[Checkpoint]:
     """The job's artifacts: the model (or LoRA adapter), plus the merged model where the provider asks for it."""
     checkpoint = save_final(trainer, ctx, kind="adapter" if lora else "model")
     checkpoints = [checkpoint]
-    if lora and ctx.config.save_merged_model:
+    if lora and ctx.config.save_merged_model and ctx.is_main:
         from .lora import save_merged
 
         checkpoints.append(save_merged(trainer, ctx, checkpoint.training_metrics, adapter=checkpoint))
-    finish(ctx)
+    trainer.accelerator.wait_for_everyone()
+    if ctx.is_main:
+        finish(ctx)
     return checkpoints
 
 
 def save_final(trainer, ctx: JobContext, kind: str = "model", name: str = "final",
                metric: PostTrainingMetric | None = None) -> Checkpoint:
     """Write the artifact to a scratch dir and rename it into place, so a job that dies
-    while saving leaves nothing that looks like a finished checkpoint."""
+    while saving leaves nothing that looks like a finished checkpoint. Every rank takes part
+    in save_model (sharded strategies gather the weights); rank 0 writes the files."""
     ctx.report(persist=True, phase="saving")
     final = ctx.job_dir / name
     scratch = ctx.job_dir / f".{name}.partial"
-    shutil.rmtree(scratch, ignore_errors=True)
+    if ctx.is_main:
+        shutil.rmtree(scratch, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(scratch))
-    if trainer.processing_class is not None:
-        trainer.processing_class.save_pretrained(str(scratch))
-    shutil.rmtree(final, ignore_errors=True)
-    scratch.rename(final)
+    if ctx.is_main:
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(str(scratch))
+        shutil.rmtree(final, ignore_errors=True)
+        scratch.rename(final)
     return checkpoint_record(ctx, final, kind, trainer.state, metric)
 
 
@@ -357,7 +411,7 @@ def final_metric(state, ctx: JobContext) -> PostTrainingMetric:
     eval_logs = [h for h in state.log_history if "eval_loss" in h]
     last = dict(train_logs[-1]) if train_logs else {}
     metric = PostTrainingMetric(
-        epoch=max(1, math.ceil(float(state.epoch or 0) - 1e-9)) if state.epoch else ctx.plan.n_epochs,
+        epoch=max(1, math.ceil(request_epoch(state, ctx) - 1e-9)) if state.global_step else ctx.plan.n_epochs,
         train_loss=last.get("loss"),
         metrics={k: float(v) for k, v in last.items() if k in REPORTED_METRICS and _finite(v)},
     )

@@ -1,23 +1,21 @@
-"""What a recipe gets from the scheduler, and the ways a job can end early.
+"""What a recipe gets from its worker process, and how a job stops early.
 
-No heavy imports here: the scheduler builds a JobContext before any recipe is loaded.
+A recipe runs in each of a job's processes (ranks). Rank 0 reports progress and writes
+the artifacts; every rank trains. Cancel needs no help from the recipe: the server kills
+the job's processes. A shutdown asks for a resumable checkpoint: the server makes the
+job's stop file, and the trainer's callback saves and stops at the next step.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..api.models import TrainingProgress
 from ..config import TrlPostTrainingConfig
 from ..plan import TrainingPlan
-
-
-class JobCancelled(Exception):
-    """The user cancelled the job."""
+from ..worker.channel import stop_requested
 
 
 class JobInterrupted(Exception):
@@ -32,11 +30,15 @@ class JobContext:
     config: TrlPostTrainingConfig
     plan: TrainingPlan
     report: Callable[..., None] = field(repr=False)
-    """report(persist: bool, **fields): merge fields into the job's TrainingProgress/record."""
-    cancel_requested: threading.Event = field(default_factory=threading.Event)
-    shutdown_requested: threading.Event = field(default_factory=threading.Event)
+    """report(persist: bool, **fields): merge fields into the job's TrainingProgress/record (rank 0 only)."""
     resume_from: Path | None = None
     method: str = "dpo"
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -46,11 +48,12 @@ class JobContext:
     def data_dir(self) -> Path:
         return self.job_dir / "data"
 
+    def stop_requested(self) -> bool:
+        return stop_requested(self.job_dir)
+
     def raise_if_stopped(self) -> None:
         """Between stages (loading, tokenizing) where the trainer's callback can't stop us."""
-        if self.cancel_requested.is_set():
-            raise JobCancelled()
-        if self.shutdown_requested.is_set():
+        if self.stop_requested():
             raise JobInterrupted()
 
 
@@ -63,4 +66,4 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
-__all__ = ["JobContext", "JobCancelled", "JobInterrupted", "latest_checkpoint", "TrainingProgress"]
+__all__ = ["JobContext", "JobInterrupted", "latest_checkpoint"]

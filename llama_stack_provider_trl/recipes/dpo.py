@@ -56,6 +56,7 @@ def build_trainer(ctx: JobContext, model, tokenizer, device: str, precision: str
         **common.trainer_arguments(ctx, device, precision),
         beta=algo.beta if algo.beta is not None else ctx.config.dpo_beta,
         loss_type=[algo.loss_type.value],
+        label_smoothing=algo.trl_label_smoothing(),
         max_length=ctx.plan.max_length,
         precompute_ref_log_probs=precompute and peft_config is None,
         trust_remote_code=ctx.config.trust_remote_code,
