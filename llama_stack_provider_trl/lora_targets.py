@@ -11,6 +11,7 @@ lists the ones it has, before the job is accepted.
 from __future__ import annotations
 
 import json
+import stat
 import struct
 from pathlib import Path
 
@@ -30,10 +31,42 @@ OUTPUT_NAMES = ("lm_head", "embed_out")
 NOT_LINEAR = ("embed_tokens", "wte", "wpe", "embed_positions", "word_embeddings")
 
 
+# The safetensors format caps its JSON header at 100 MB; a length above that (or above the file)
+# is a broken or hostile file, and reading it would allocate whatever the 8 bytes say.
+MAX_HEADER_BYTES = 100_000_000
+
+
+class SafetensorsError(ValueError):
+    """A model file whose header cannot be read: a 400 naming the file."""
+
+
 def _safetensors_header(path: Path) -> dict:
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))
+    try:
+        info = path.stat()  # stat, never open, anything that is not a regular file: a FIFO would block
+    except OSError as exc:
+        raise SafetensorsError(f"{path} cannot be examined ({exc.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise SafetensorsError(f"{path} is a directory, not a safetensors file")
+    if not stat.S_ISREG(info.st_mode):
+        raise SafetensorsError(f"{path} is not a regular file (a FIFO, socket or device)")
+    if info.st_size < 8:
+        raise SafetensorsError(f"{path} is {info.st_size} bytes, too short for a safetensors header")
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            raw = f.read(length) if length <= min(MAX_HEADER_BYTES, info.st_size - 8) else None
+    except OSError as exc:
+        raise SafetensorsError(f"{path} cannot be read ({exc.strerror})") from None
+    if raw is None:
+        raise SafetensorsError(f"{path} declares a {length}-byte header in a {info.st_size}-byte file; "
+                               "it is not a valid safetensors file")
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SafetensorsError(f"{path} has no valid JSON header; it is not a valid safetensors file") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path} has no valid JSON header; it is not a valid safetensors file")
+    return header
 
 
 def linear_modules(model_dir: Path) -> set[str]:
@@ -42,7 +75,10 @@ def linear_modules(model_dir: Path) -> set[str]:
     names: set[str] = set()
     for file in files:
         for key, info in _safetensors_header(file).items():
-            if key == "__metadata__" or not key.endswith(".weight") or len(info.get("shape", ())) != 2:
+            if key == "__metadata__" or not key.endswith(".weight") or not isinstance(info, dict):
+                continue
+            shape = info.get("shape")
+            if not isinstance(shape, list) or len(shape) != 2:
                 continue
             leaf = key[: -len(".weight")].rsplit(".", 1)[-1]
             if leaf not in NOT_LINEAR:

@@ -7,6 +7,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from .data import (
     load_rows,
     preference_format,
     preference_rows,
+    require_kind,
     resolve_inside,
     sft_format,
     sft_rows,
@@ -38,7 +40,7 @@ from .data import (
 from .executors import LocalExecutor
 from .hardware import training_device
 from .jobs import FINAL_STATES, JobRecord, JobTable, now
-from .lora_targets import linear_modules, lora_target_modules
+from .lora_targets import SafetensorsError, linear_modules, lora_target_modules
 from .plan import TrainingPlan, check_memory_limits, make_plan
 from .scheduler import CRASHED, INTERRUPTED, Scheduler, read_result
 
@@ -138,8 +140,7 @@ class TrlPostTrainingImpl:
             self._check_lora(model_dir, request.algorithm_config.lora, "algorithm_config.lora")
 
         async def rows_for(dataset_id: str, field: str) -> list[dict]:
-            rows = await self._rows(dataset_id, field)
-            return preference_rows(rows, preference_format(rows, field))
+            return await self._rows(dataset_id, field, lambda rows: preference_rows(rows, preference_format(rows, field)))
 
         return await self._submit("dpo", request, request.training_config, rows_for, warnings)
 
@@ -161,10 +162,12 @@ class TrlPostTrainingImpl:
         formats: list[str] = []  # the training set's, which the validation set must share
 
         async def rows_for(dataset_id: str, field: str) -> list[dict]:
-            rows = await self._rows(dataset_id, field)
-            fmt = sft_format(rows, field, declared.value if declared else (formats[0] if formats else None))
-            formats.append(fmt)
-            return sft_rows(rows, fmt)
+            def check(rows: list[dict]) -> list[dict]:
+                fmt = sft_format(rows, field, declared.value if declared else (formats[0] if formats else None))
+                formats.append(fmt)
+                return sft_rows(rows, fmt)
+
+            return await self._rows(dataset_id, field, check)
 
         # the job uses the directory checked now, whatever a symlink says later
         resolved = request.model_copy(update={"model": str(model_dir) if model_dir is not None else model})
@@ -197,7 +200,7 @@ class TrlPostTrainingImpl:
             elif hold_out_fraction > 0:
                 # split here, not in the job, so the plan counts the rows actually trained on
                 n_rows = len(train)
-                train, validation = hold_out(train, hold_out_fraction)
+                train, validation = await asyncio.to_thread(hold_out, train, hold_out_fraction)
                 if validation:
                     warnings.append(f"validation: {len(validation)} of {n_rows} training rows held out "
                                     f"(the provider's validation_fraction, {hold_out_fraction})")
@@ -208,9 +211,7 @@ class TrlPostTrainingImpl:
             warnings.extend(plan.warnings)
 
             created = True
-            write_jsonl(train, job_dir / "data" / "train.jsonl")
-            if validation is not None:
-                write_jsonl(validation, job_dir / "data" / "validation.jsonl")
+            await asyncio.to_thread(self._write_snapshot, job_dir, train, validation)
             record = JobRecord(job_uuid=job_uuid, method=method, request=request.model_dump(mode="json"),
                                warnings=warnings, n_rows=len(train))
             await self.table.add(record)  # 503 if the store refuses it; the job then exists nowhere
@@ -263,9 +264,18 @@ class TrlPostTrainingImpl:
                 raise FileNotFoundError(f"the model directory {checked} is gone (no config.json)")
         return make_plan(tc, record.n_rows, self.config)
 
-    async def _rows(self, dataset_id: str, field: str) -> list[dict]:
-        return await load_rows(dataset_id, field=field, datasetio=self.datasetio, roots=self.config.dataset_roots,
-                               max_rows=self.config.limits.max_dataset_rows)
+    async def _rows(self, dataset_id: str, field: str, check: Callable[[list[dict]], list[dict]]) -> list[dict]:
+        """Read, then check and convert the rows in a worker thread: a big dataset takes seconds to
+        check, and on the event loop every route (health included) would wait for it."""
+        rows = await load_rows(dataset_id, field=field, datasetio=self.datasetio, datasets=self.datasets,
+                               roots=self.config.dataset_roots, max_rows=self.config.limits.max_dataset_rows)
+        return await asyncio.to_thread(check, rows)
+
+    @staticmethod
+    def _write_snapshot(job_dir: Path, train: list[dict], validation: list[dict] | None) -> None:
+        write_jsonl(train, job_dir / "data" / "train.jsonl")
+        if validation is not None:
+            write_jsonl(validation, job_dir / "data" / "validation.jsonl")
 
     def _check_model(self, value: str, field: str) -> Path | None:
         """A local model directory inside model_roots (returned), or a hub id (None) for the job to fetch."""
@@ -279,12 +289,18 @@ class TrlPostTrainingImpl:
             raise DataError(f"{field}: no model directory at {path}")
         if not (path / "config.json").is_file():
             raise DataError(f"{field}: {path} has no config.json; is it a Hugging Face model directory?")
+        for entry in path.iterdir():
+            # the job would open these (weights, tokenizer files): a FIFO there would block it for good
+            require_kind(entry, field, str(entry), "any")
         return path
 
     def _check_lora(self, model_dir: Path | None, lora, field: str) -> None:
         if model_dir is None:
             return  # hub models are checked when the job loads them
-        available = linear_modules(model_dir)
+        try:
+            available = linear_modules(model_dir)
+        except SafetensorsError as exc:
+            raise DataError(f"{field}: {exc}") from None
         if available:
             try:
                 lora_target_modules(lora, available)

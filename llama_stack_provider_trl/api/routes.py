@@ -18,6 +18,7 @@ from fastapi import APIRouter, Body, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException  # what FastAPI raises for a body it cannot parse
 
 from .models import (
     JOB_UUID_PATTERN,
@@ -63,13 +64,19 @@ class ReadableValidationRoute(APIRoute):
 
         async def route_handler(request: Request) -> Response:
             limit = max_body_bytes()
-            if limit is not None and request.method == "POST" and len(await request.body()) > limit:
-                return error_response(413, f"request body is larger than the provider's limits.max_request_bytes "
-                                           f"({limit} bytes)")
+            if limit is not None and request.method == "POST":
+                refusal = await read_body_within(request, limit)
+                if refusal is not None:
+                    return refusal
             try:
                 return await handler(request)
             except RequestValidationError as exc:
                 return error_response(400, describe_validation_errors(list(exc.errors())))
+            except HTTPException as exc:
+                if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+                    # FastAPI's own message ("error parsing the body") does not say what is wrong
+                    return error_response(400, "invalid request: the JSON body is nested too deeply to parse")
+                return error_response(exc.status_code, str(exc.detail))
             except Exception as exc:
                 from llama_stack.core.exceptions.translation import translate_exception
 
@@ -79,6 +86,27 @@ class ReadableValidationRoute(APIRoute):
                 return error_response(http.status_code, str(http.detail))
 
         return route_handler
+
+
+async def read_body_within(request: Request, limit: int) -> Response | None:
+    """Read the body only up to `limit` bytes: refuse on a larger Content-Length before reading any of
+    it, and stop a chunked (or lying) body at the limit, so an oversized request never sits in memory.
+    The body read is handed on to FastAPI, which takes request._body when it is there."""
+    too_large = f"request body is larger than the provider's limits.max_request_bytes ({limit} bytes)"
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                return error_response(413, too_large)
+        except ValueError:
+            return error_response(400, f"invalid Content-Length header: {declared[:40]!r}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return error_response(413, too_large)
+    request._body = bytes(body)
+    return None
 
 
 def error_response(status_code: int, message: str) -> JSONResponse:

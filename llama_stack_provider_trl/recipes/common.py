@@ -217,6 +217,45 @@ def validation_dataset(ctx: JobContext):
     return Dataset.from_list(rows)
 
 
+def report_length_losses(trainer, ctx: JobContext) -> None:
+    """TRL cuts rows to max_length and drops those left with nothing to learn from (a prompt that
+    alone fills max_length); the job's warnings say how many, and a job with no rows left fails
+    saying why, not with TRL's "num_samples=0"."""
+    from ..data import read_jsonl
+
+    max_length = trainer.args.max_length
+    if max_length is None or getattr(trainer.args, "packing", False):
+        return  # packed rows are chunked, not cut or dropped
+    limit = f"max_seq_length ({max_length} tokens)"
+    warnings = []
+    for name, dataset, n_in in (("training", trainer.train_dataset, len(read_jsonl(ctx.data_dir / "train.jsonl"))),
+                                ("validation", trainer.eval_dataset, None)):
+        if dataset is None:
+            continue
+        if len(dataset) == 0:
+            raise RuntimeError(
+                f"no {name} row is left to train on: in every one the prompt alone is at least {limit}, and "
+                "TRL drops such rows; raise training_config.max_seq_length or shorten the prompts")
+        if n_in is not None and len(dataset) < n_in:
+            warnings.append(f"{n_in - len(dataset)} of {n_in} {name} rows dropped: the prompt alone is at least "
+                            f"{limit}, leaving no answer tokens to learn from")
+        truncated = _count_truncated(dataset, max_length)
+        if truncated:
+            warnings.append(f"{truncated} of {len(dataset)} {name} rows cut to {limit}")
+    if warnings:
+        ctx.report(persist=True, warnings=warnings)
+
+
+def _count_truncated(dataset, max_length: int) -> int:
+    columns = dataset.column_names
+    if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns):  # DPO: the collator cuts prompt + answer
+        lengths = zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
+        return sum(len(p) + max(len(c), len(r)) > max_length for p, c, r in lengths)
+    if "input_ids" in columns:  # SFT: already cut while preparing; a row at the limit was (almost surely) cut
+        return sum(len(ids) >= max_length for ids in dataset["input_ids"])
+    return 0
+
+
 def evaluation_arguments(ctx: JobContext, validation) -> dict[str, Any]:
     """Evaluate once per epoch. An epoch is max_steps_per_epoch steps, which can end before a pass
     over the data does, so epochs are counted in steps rather than with eval_strategy="epoch"."""

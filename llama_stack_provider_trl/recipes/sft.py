@@ -34,6 +34,7 @@ def train(ctx: JobContext) -> list[Checkpoint]:
     ctx.raise_if_stopped()
 
     trainer = build_trainer(ctx, model, tokenizer, device, precision)
+    common.report_length_losses(trainer, ctx)
     ctx.raise_if_stopped()
 
     common.run_training(trainer, ctx)

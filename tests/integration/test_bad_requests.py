@@ -7,6 +7,8 @@ no directory was created for a refused job, and the server still trains.
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import httpx
@@ -28,6 +30,7 @@ def env(workspace, tiny_model, seed_file, tmp_path_factory):
     root.mkdir()
     (root / "model-link").symlink_to(outside / "model")
     (root / "data-link.json").symlink_to(outside / "data.json")
+    (root / "csv-link.csv").symlink_to(outside / "secret.csv")
     (root / "empty-model").mkdir()
     (root / "empty.json").write_text(json.dumps({"data": []}))
     (root / "notes.txt").write_text("hello")
@@ -35,8 +38,32 @@ def env(workspace, tiny_model, seed_file, tmp_path_factory):
     (root / "too-many.jsonl").write_text("".join(json.dumps(rows[0]) + "\n" for _ in range(60)))
     (root / "missing-field.json").write_text(json.dumps([rows[0], rows[1], {"prompt": "p", "chosen": "c"}]))
     (root / "not-string.json").write_text(json.dumps([{"prompt": "p", "chosen": 5, "rejected": "r"}]))
+    (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (root / "surrogate.jsonl").write_text('{"prompt": "p", "chosen": "c \\ud800", "rejected": "r"}\n')
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    (root / "no-shared-prompt.json").write_text(json.dumps([
+        {"chosen": [turn("user", "Q?"), turn("assistant", "A")], "rejected": [turn("user", "Q?"), turn("assistant", "B")]},
+        {"chosen": [turn("user", "Q?"), turn("assistant", "A")], "rejected": [turn("user", "R?"), turn("assistant", "B")]},
+    ]))
+    # model directories whose model.safetensors is broken or not a file at all
+    broken = {"st-short": lambda p: p.write_bytes(b"abcd"),
+              "st-huge": lambda p: p.write_bytes((2**62).to_bytes(8, "little") + b"{}"),
+              "st-dir": lambda p: p.mkdir(),
+              "st-fifo": lambda p: os.mkfifo(p)}  # opening it for reading would block until a writer came
+    for name, make in broken.items():
+        (root / name).mkdir()
+        shutil.copy(tiny_model / "config.json", root / name / "config.json")
+        make(root / name / "model.safetensors")
+    # a CSV outside every root, whose column names must never appear in a response
+    (outside / "secret.csv").write_text("secret_column_a,secret_column_b\n1,2\n")
 
     server = StackServer(root / "server", provider={"limits": LIMITS}, extra_roots=[root, workspace]).start()
+    for dataset_id, uri in (("outside-path", str(outside / "secret.csv")),
+                            ("outside-file-uri", f"file://{outside / 'secret.csv'}"),
+                            ("outside-via-link", str(root / "csv-link.csv"))):
+        r = httpx.post(f"{server.url}/v1beta/datasets", json={
+            "dataset_id": dataset_id, "purpose": "eval/question-answer", "source": {"type": "uri", "uri": uri}})
+        assert r.status_code == 200, r.text
     keeper = httpx.post(f"{server.url}/v1/post-training/preference-optimize",
                         json=dpo_request("keeper", str(tiny_model), str(seed_file)))
     assert keeper.status_code == 200, keeper.text
@@ -61,6 +88,16 @@ def ok_request(env, **changes):
 
 DELETE = object()
 PO = "/v1/post-training/preference-optimize"
+SFT = "/v1/post-training/supervised-fine-tune"
+LORA = {"lora_attn_modules": ["q_proj"]}
+
+
+def sft_request(env, dataset):
+    return {"job_uuid": "fresh-sft", "model": env["model"], "training_config": {"dataset": dataset}}
+
+
+def nested_body(depth: int) -> bytes:
+    return b'{"job_uuid": "deep", "logger_config": {"x": ' + b"[" * depth + b"]" * depth + b"}}"
 
 # (name, path, payload builder or raw bytes, expected status, expected text in the message)
 CASES = [
@@ -115,6 +152,33 @@ CASES = [
      400, "row 0: field 'chosen' must be a string"),
     ("lora unknown module", PO, lambda e: ok_request(e, **{"algorithm_config.lora": {"lora_attn_modules": ["wq"]}}),
      400, "q_proj"),
+    ("data nested 100000 deep", PO, lambda e: ok_request(e, **{"training_config.dataset": f"{e['root']}/deep.json"}),
+     400, "deep.json row 0 is nested too deeply"),
+    ("row lone surrogate", PO, lambda e: ok_request(e, **{"training_config.dataset": f"{e['root']}/surrogate.jsonl"}),
+     400, "row 0: field 'chosen' has an unpaired surrogate"),
+    ("row without shared prompt", PO,
+     lambda e: ok_request(e, **{"training_config.dataset": f"{e['root']}/no-shared-prompt.json"}), 400,
+     "row 1: has no field 'prompt', and 'chosen' and 'rejected' do not begin with the same message"),
+    ("lora 4-byte safetensors", PO,
+     lambda e: ok_request(e, finetuned_model=f"{e['root']}/st-short", **{"algorithm_config.lora": LORA}), 400,
+     "model.safetensors is 4 bytes, too short"),
+    ("lora 2^62 header", PO,
+     lambda e: ok_request(e, finetuned_model=f"{e['root']}/st-huge", **{"algorithm_config.lora": LORA}), 400,
+     "declares a 4611686018427387904-byte header"),
+    ("lora safetensors directory", PO,
+     lambda e: ok_request(e, finetuned_model=f"{e['root']}/st-dir", **{"algorithm_config.lora": LORA}), 400,
+     "model.safetensors is a directory"),
+    ("lora safetensors fifo", PO,
+     lambda e: ok_request(e, finetuned_model=f"{e['root']}/st-fifo", **{"algorithm_config.lora": LORA}), 400,
+     "model.safetensors' is a FIFO, socket or device"),
+    ("model with a fifo", PO, lambda e: ok_request(e, finetuned_model=f"{e['root']}/st-fifo"), 400,
+     "st-fifo/model.safetensors' is a FIFO, socket or device"),
+    ("registered outside path dpo", PO, lambda e: ok_request(e, **{"training_config.dataset": "outside-path"}), 403,
+     "outside the allowed roots"),
+    ("registered outside path sft", SFT, lambda e: sft_request(e, "outside-path"), 403, "outside the allowed roots"),
+    ("registered outside file uri", SFT, lambda e: sft_request(e, "outside-file-uri"), 403, "outside the allowed roots"),
+    ("registered symlink out", SFT, lambda e: sft_request(e, "outside-via-link"), 403, "outside the allowed roots"),
+    ("body nested 20000 deep", PO, nested_body(20_000), 400, "nested too deeply"),
     ("duplicate uuid", PO, lambda e: ok_request(e, job_uuid="keeper"), 409, "already exists"),
     ("oversized body", PO, lambda e: ok_request(e, logger_config={"pad": "x" * 100_000}), 413, "max_request_bytes"),
     ("not json", PO, b"{this is not json", 400, "invalid request"),
@@ -151,6 +215,8 @@ def test_battery(env):
                 "application/json") else r.text
             if r.status_code != expected_status or expected_text not in message:
                 failures.append(f"{name}: got {r.status_code} {message!r}")
+            if "secret_column" in r.text:  # nothing read from a file outside the roots is ever shown
+                failures.append(f"{name}: the response shows an outside file's contents: {r.text!r}")
         # status with no job_uuid: a query-parameter error, named
         r = client.get("/v1/post-training/job/status")
         if r.status_code != 400 or "job_uuid" not in r.json()["error"]["message"]:
