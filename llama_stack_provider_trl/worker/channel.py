@@ -6,7 +6,7 @@
     <job_dir>/worker/stop            made by the server at shutdown: save a checkpoint at the next step and stop
     <job_dir>/worker/worker.log      the processes' stdout and stderr
 
-Files rather than pipes because every rank, whoever launched it (torchrun, a warm spare), can reach
+Files rather than pipes because every rank, whoever launched it (torchrun, the fork server), can reach
 them, and a line appended with O_APPEND arrives whole. No torch here: the server imports this module.
 """
 

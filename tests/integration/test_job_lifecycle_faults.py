@@ -131,7 +131,7 @@ def test_a_refused_store_write_leaves_nothing_and_completed_work_is_never_retrai
         locked = threading.Event()
         submit(server, "unrecorded", tiny_model, seed_file)
         server.wait("unrecorded", statuses=("in_progress",))
-        holder = threading.Thread(target=lock_database, args=(db, 30, locked))
+        holder = threading.Thread(target=lock_database, args=(db, 12, locked))
         holder.start()
         locked.wait(5)
         done = server.wait("unrecorded")

@@ -105,7 +105,8 @@ def test_dialog_lora_adapter_loads_with_peft_and_generates(server, tiny_model, s
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
-    assert status["resources_allocated"] == {"device": "cpu", "precision": "fp32"}
+    assert {k: status["resources_allocated"][k] for k in ("device", "precision", "executor", "world_size")} == {
+        "device": "cpu", "precision": "fp32", "executor": "local", "world_size": 1}
 
 
 def test_packed_rows_train_on_whole_sequences(server, tiny_model, seed_rows, workspace):

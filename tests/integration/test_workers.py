@@ -124,7 +124,7 @@ def test_server_killed_during_a_two_process_job_resumes_it_from_its_checkpoint(w
     config = {"processes_per_job": 2, "save_steps": 4, "logging_steps": 1}
     server = StackServer(root, provider=config, extra_roots=[workspace]).start()
     try:
-        submit(server, "resumed-ddp", tiny_model, seed_file, **LONG)
+        submit(server, "resumed-ddp", tiny_model, seed_file, **{**LONG, "n_epochs": 8})
         running = server.wait("resumed-ddp", statuses=("in_progress",), timeout=180,
                               predicate=lambda s: s["progress"]["step"] > 5)
         pids = [p["pid"] for p in running["resources_allocated"]["processes"]]
@@ -139,7 +139,7 @@ def test_server_killed_during_a_two_process_job_resumes_it_from_its_checkpoint(w
     try:
         done = server.wait("resumed-ddp", timeout=300)
         assert done["status"] == "completed", done
-        assert done["progress"]["step"] == done["progress"]["total_steps"] == 8 * 40
+        assert done["progress"]["step"] == done["progress"]["total_steps"] == 8 * 8
         assert done["attempts"] == 2 and done["resources_allocated"]["world_size"] == 2
         assert any(w.startswith("resumed from the checkpoint at step") for w in done["warnings"]), done["warnings"]
     finally:

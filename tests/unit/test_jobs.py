@@ -47,6 +47,9 @@ class FakeJob:
         report(True, {"phase": "training", "resources_allocated": {"processes": self.processes()}})
         if self.behaviour == "fail":
             return Outcome("failed", error="rank 0: model directory unreadable")
+        if self.behaviour == "finishes_anyway":  # its processes end well just as the cancel arrives
+            self.killed.wait(5)
+            return Outcome("completed", checkpoints=[])
         if self.behaviour == "wait":
             for step in range(1, 1000):
                 report(False, {"step": step})
@@ -290,6 +293,17 @@ def test_a_job_that_cannot_be_planned_fails_alone_and_the_thread_lives_on(table,
     failed = wait_for(table, "too-long", {JobStatus.failed})
     assert failed.error.startswith("could not start: ValueError: training_config.max_seq_length")
     assert wait_for(table, "after", {JobStatus.completed}).error is None
+
+
+def test_a_cancel_answered_200_always_ends_cancelled(table, make_scheduler):
+    sched = make_scheduler()
+    add(table, "racing", "finishes_anyway")
+    sched.submit("racing")
+    wait_for(table, "racing", {JobStatus.in_progress})
+    assert sched.cancel("racing") == JobStatus.in_progress
+    record = wait_for(table, "racing", {JobStatus.cancelled, JobStatus.completed})
+    assert record.status == JobStatus.cancelled and record.checkpoints == []
+    assert not (sched.config.resolved_output_dir() / "racing" / "result.json").exists()
 
 
 def test_cancel_after_completion_is_too_late(table, make_scheduler):
