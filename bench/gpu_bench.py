@@ -1,5 +1,5 @@
 """GPU benchmark: the bench's DPO job through the provider's recipe (recipes/dpo.py, called with a
-JobContext as the scheduler builds one) and through plain TRL, each in a fresh process, alternated;
+JobContext as a job's worker process builds one) and through plain TRL, each in a fresh process, alternated;
 on a ~0.5B-parameter Llama model built from a config (random weights), bf16 autocast over fp32 weights.
 Reports tokens/s and MFU against the measured bf16 matmul peak and the datasheet peak.
 

@@ -15,7 +15,6 @@ from typing import Any
 
 from ..config import TrlPostTrainingConfig
 from ..plan import TrainingPlan
-from ..worker.channel import stop_requested
 
 
 class JobInterrupted(Exception):
@@ -31,6 +30,8 @@ class JobContext:
     plan: TrainingPlan
     report: Callable[..., None] = field(repr=False)
     """report(persist: bool, **fields): merge fields into the job's TrainingProgress/record (rank 0 only)."""
+    stop_requested: Callable[[], bool] = field(default=lambda: False, repr=False)
+    """Whether the server asked for a checkpoint and a stop (a shutdown); cheap enough to ask every step."""
     resume_from: Path | None = None
     method: str = "dpo"
     rank: int = 0
@@ -47,9 +48,6 @@ class JobContext:
     @property
     def data_dir(self) -> Path:
         return self.job_dir / "data"
-
-    def stop_requested(self) -> bool:
-        return stop_requested(self.job_dir)
 
     def raise_if_stopped(self) -> None:
         """Between stages (loading, tokenizing) where the trainer's callback can't stop us."""

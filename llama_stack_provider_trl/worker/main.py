@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 
 from ..failures import describe_exception
-from .channel import EventWriter, JobSpec
+from .channel import EventWriter, JobSpec, stop_requested
 
 RECIPES = {"dpo": "llama_stack_provider_trl.recipes.dpo", "sft": "llama_stack_provider_trl.recipes.sft"}
 
@@ -133,7 +133,8 @@ def run(spec: JobSpec) -> int:
         ctx = JobContext(
             job_uuid=spec.job_uuid, job_dir=job_dir, method=spec.method, request=spec.request,
             config=TrlPostTrainingConfig.model_validate(spec.config), plan=TrainingPlan(**spec.plan),
-            report=events.report, rank=rank, world_size=spec.world_size,
+            report=events.report, stop_requested=lambda: stop_requested(job_dir), rank=rank,
+            world_size=spec.world_size,
         )
         ctx.resume_from = latest_checkpoint(ctx.checkpoints_dir)
         if ctx.resume_from is not None:
