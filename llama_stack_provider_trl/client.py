@@ -54,6 +54,7 @@ class PostTrainingJobStatusResponse(BaseModel):
     progress: dict[str, Any] | None = None
     error: str | None = None
     warnings: list[str] = []
+    attempts: int = 0
 
 
 class PostTrainingJobArtifactsResponse(BaseModel):
@@ -85,9 +86,12 @@ class PostTrainingClient:
     def cancel(self, job_uuid: str) -> None:
         self.client.post(f"{BASE}/job/cancel", body={"job_uuid": job_uuid}, cast_to=type(None))
 
+    def delete(self, job_uuid: str) -> None:
+        """A finished job's record and files; a 409 while it waits or runs."""
+        self.client.post(f"{BASE}/job/delete", body={"job_uuid": job_uuid}, cast_to=type(None))
+
     def wait(self, job_uuid: str, timeout: float = 600, poll: float = 1.0) -> PostTrainingJobStatusResponse:
-        """Poll until the job is completed, failed or cancelled. Once a second is plenty: on a busy CPU every
-        status request takes time from the training threads (bench/RESULTS.md)."""
+        """Poll until the job is completed, failed or cancelled."""
         deadline = time.monotonic() + timeout
         while True:
             status = self.status(job_uuid)

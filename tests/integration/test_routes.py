@@ -99,6 +99,11 @@ def test_llama_stack_client_drives_a_job(server, tiny_model, seed_file):
     # and the SDK's bare generic calls, as the README shows them
     raw = client.get("/v1/post-training/job/status", cast_to=object, options={"params": {"job_uuid": "sdk-1"}})
     assert raw["status"] == "completed"
+    assert status.attempts == 1
+    pt.delete("sdk-1")
+    with pytest.raises(APIStatusError) as info:
+        pt.status("sdk-1")
+    assert info.value.status_code == 404
 
 
 def test_supervised_fine_tune_routes_exist_on_both_versions(server):
