@@ -28,7 +28,8 @@ def trl_provider_spec() -> ProviderSpec:
         config_class="llama_stack_provider_trl.config.TrlPostTrainingConfig",
         pip_packages=["llama-stack-provider-trl"],
         api_dependencies=[Api.datasetio, Api.datasets],
-        description="DPO and supervised fine-tuning with Hugging Face TRL on one device.",
+        description="DPO and supervised fine-tuning with Hugging Face TRL, in worker processes on one or more "
+        "devices.",
     )
 
 
