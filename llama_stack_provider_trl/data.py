@@ -276,22 +276,28 @@ async def _read_registered(dataset_id: str, *, field: str, datasetio: Any, datas
     return rows
 
 
-def check_strings(value: Any, where: str) -> None:
-    """Every string in a row's value must be encodable (no lone surrogates, which the tokenizer
-    cannot take), and the value no deeper than MAX_NESTING. Iterative: no recursion to exhaust."""
-    stack = [(value, 0)]
+def check_strings(value: Any, where: str, name_path: bool = False) -> None:
+    """Every string in a value (dict keys included) must be encodable (no lone surrogates, which neither
+    the tokenizer nor the job store's UTF-8 JSON can take), and the value no deeper than MAX_NESTING.
+    Iterative: no recursion to exhaust. name_path: say where inside the value (`where.key[0]`)."""
+    stack: list[tuple[Any, int, str]] = [(value, 0, "")]
     while stack:
-        item, depth = stack.pop()
+        item, depth, path = stack.pop()
+        at = where + path if name_path else where
         if isinstance(item, str):
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise DataError(f"{where} has an unpaired surrogate (\\u{ord(item[exc.start]):04x}) at character "
+                raise DataError(f"{at} has an unpaired surrogate (\\u{ord(item[exc.start]):04x}) at character "
                                 f"{exc.start}, which is not valid Unicode text") from None
         elif isinstance(item, (list, dict)):
             if depth >= MAX_NESTING:
-                raise DataError(f"{where} is nested more than {MAX_NESTING} levels deep")
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+                raise DataError(f"{at} is nested more than {MAX_NESTING} levels deep")
+            if isinstance(item, dict):
+                stack.extend((k, depth + 1, path) for k in item)
+                stack.extend((v, depth + 1, f"{path}.{k}") for k, v in item.items())
+            else:
+                stack.extend((v, depth + 1, f"{path}[{i}]") for i, v in enumerate(item))
 
 
 # ---- preference (DPO) rows -------------------------------------------------------------------

@@ -169,11 +169,6 @@ class JobTable:
         with self._lock:
             return sorted((r.model_copy() for r in self._jobs.values()), key=lambda r: r.sequence)
 
-    def active_count(self) -> int:
-        """Jobs waiting or running, and requests being validated that may become jobs."""
-        with self._lock:
-            return sum(not r.is_final for r in self._jobs.values()) + len(self._reserved)
-
     async def add(self, record: JobRecord) -> None:
         """Store a new job's record, then make it visible. Raises StoreUnavailable if the store
         refuses it; the job then does not exist anywhere."""

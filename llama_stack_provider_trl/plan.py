@@ -37,6 +37,7 @@ class TrainingPlan:
     max_validation_steps: int | None
     strategy: str = "ddp"
     fsdp_cpu_offload: bool = False
+    n_rows: int = 0  # the training rows the plan counted
     warnings: list[str] = field(default_factory=list)
 
 
@@ -180,6 +181,7 @@ def make_plan(tc: TrainingConfig, n_rows: int, config: TrlPostTrainingConfig) ->
         max_validation_steps=tc.max_validation_steps,
         strategy=strategy,
         fsdp_cpu_offload=cpu_offload,
+        n_rows=n_rows,
         warnings=warnings,
     )
 

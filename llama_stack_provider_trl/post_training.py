@@ -26,6 +26,7 @@ from .api.models import (
 )
 from .config import TrlPostTrainingConfig
 from .data import (
+    check_strings,
     DataError,
     hold_out,
     load_rows,
@@ -320,20 +321,5 @@ class TrlPostTrainingImpl:
 def check_storable(request: Any) -> None:
     """The job store keeps requests as UTF-8 JSON: a lone surrogate (\\ud800, say) cannot be stored,
     so it is a 400 naming the field before any work, not a failure after the job was accepted."""
-
-    def walk(value: Any, path: str) -> None:
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise ValueError(f"{path or 'request'}: contains {value[exc.start]!r}, a lone surrogate, which is "
-                                 "not valid Unicode text") from None
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                walk(key, path)
-                walk(item, f"{path}.{key}" if path else str(key))
-        elif isinstance(value, list):
-            for index, item in enumerate(value):
-                walk(item, f"{path}[{index}]")
-
-    walk(request.model_dump(mode="python"), "")
+    for key, value in request.model_dump(mode="python").items():
+        check_strings(value, key, name_path=True)

@@ -68,7 +68,7 @@ class LocalExecutor:
             if self._forks is not None and self._forks.can_fork():
                 pid = self._forks.fork(spec_path)
                 if pid is not None:
-                    return LocalJob(ForkedProcess(self._forks, pid), spec, log_path)
+                    return self._job(ForkedProcess(self._forks, pid), spec, log_path)
             command = [sys.executable, "-m", WORKER, str(spec_path)]
         else:
             command = [sys.executable, "-m", LAUNCHER, "--standalone", f"--nproc-per-node={spec.world_size}",
@@ -76,7 +76,10 @@ class LocalExecutor:
         with log_path.open("ab") as out:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                        start_new_session=True, env=self._env(spec))
-        return LocalJob(process, spec, log_path)
+        return self._job(process, spec, log_path)
+
+    def _job(self, process: subprocess.Popen | ForkedProcess, spec: JobSpec, log_path: Path) -> LocalJob:
+        return LocalJob(process, spec, log_path, self.config.worker_silence_timeout_s)
 
     def _env(self, spec: JobSpec | None) -> dict[str, str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -177,12 +180,13 @@ class ForkedProcess:
 
 
 class LocalJob:
-    def __init__(self, process: subprocess.Popen | ForkedProcess, spec: JobSpec, log_path: Path) -> None:
+    def __init__(self, process: subprocess.Popen | ForkedProcess, spec: JobSpec, log_path: Path,
+                 silence_timeout: float) -> None:
         self.process = process
         self.spec = spec
         self.job_dir = Path(spec.job_dir)
         self.log_path = log_path
-        self.silence_timeout = TrlPostTrainingConfig.model_validate(spec.config).worker_silence_timeout_s
+        self.silence_timeout = silence_timeout
         self._killed = False
 
     def processes(self) -> list[dict[str, Any]]:

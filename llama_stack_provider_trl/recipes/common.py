@@ -40,7 +40,8 @@ _freeze_long_lived_objects()
 # torch's intra-op thread count as it was when the worker imported this module.
 DEFAULT_CPU_THREADS = torch.get_num_threads()
 # Models narrower than this train on one CPU thread: their ops are too small to split across cores, and the
-# OpenMP barrier of every op costs more than it saves, and far more when other processes take a core. Measured on 2 cores (bench/RESULTS.md): the tiny preset (hidden 64) trains
+# OpenMP barrier of every op costs more than it saves, and far more when other processes take a core.
+# Measured on 2 cores (bench/RESULTS.md): the tiny preset (hidden 64) trains
 # 5-8x faster with one thread; the 34m preset (hidden 512) gains a little from two.
 SMALL_HIDDEN_SIZE = 256
 
@@ -221,14 +222,12 @@ def report_length_losses(trainer, ctx: JobContext) -> None:
     """TRL cuts rows to max_length and drops those left with nothing to learn from (a prompt that
     alone fills max_length); the job's warnings say how many, and a job with no rows left fails
     saying why, not with TRL's "num_samples=0"."""
-    from ..data import read_jsonl
-
     max_length = trainer.args.max_length
     if max_length is None or getattr(trainer.args, "packing", False):
         return  # packed rows are chunked, not cut or dropped
     limit = f"max_seq_length ({max_length} tokens)"
     warnings = []
-    for name, dataset, n_in in (("training", trainer.train_dataset, len(read_jsonl(ctx.data_dir / "train.jsonl"))),
+    for name, dataset, n_in in (("training", trainer.train_dataset, ctx.plan.n_rows),
                                 ("validation", trainer.eval_dataset, None)):
         if dataset is None:
             continue
