@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from ..api.models import Checkpoint, PostTrainingMetric
+from .. import history
 from ..hardware import training_device
 from ..jobs import now
 from .context import JobContext
@@ -284,6 +285,9 @@ class JobCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
+        if self.ctx.is_main:
+            history.append(self.ctx.job_dir, state.global_step, logs, total_steps=state.max_steps,
+                           epoch=round(request_epoch(state, self.ctx), 4))
         self.metrics.update({k: float(v) for k, v in logs.items() if k in REPORTED_METRICS and _finite(v)})
         if "eval_loss" in logs and _finite(logs["eval_loss"]) and self.ctx.method == "sft":
             self.metrics["perplexity"] = perplexity(float(logs["eval_loss"]))

@@ -39,3 +39,9 @@ def test_seed_payload_trains_to_a_loadable_checkpoint(server, tiny_model, seed_r
     assert any(diffs), "trained weights equal the base model's"
     files = {p.name for p in __import__("pathlib").Path(checkpoint["path"]).iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= files
+
+    from llama_stack_provider_trl import history
+
+    steps = history.read(server.output_dir / "seed-001")
+    assert steps and steps[-1]["step"] == 4 and steps[-1]["total_steps"] == 4
+    assert all("loss" in row and "rewards/margins" in row for row in steps), steps
