@@ -224,16 +224,26 @@ class TrlPostTrainingImpl:
         self.scheduler.submit(job_uuid)
         return PostTrainingJob(job_uuid=job_uuid)
 
+    # Every route reaches jobs through these two, so who may see which job is decided in one place.
+    def _job(self, job_uuid: str) -> JobRecord:
+        """The job with this id (a copy); JobNotFoundError (404) if there is none."""
+        return self.table.snapshot(job_uuid)
+
+    def _jobs(self) -> list[JobRecord]:
+        """All jobs, in submission order (copies)."""
+        return self.table.all()
+
     async def get_training_jobs(self) -> ListPostTrainingJobsResponse:
-        return ListPostTrainingJobsResponse(data=[PostTrainingJob(job_uuid=r.job_uuid) for r in self.table.all()])
+        return ListPostTrainingJobsResponse(data=[PostTrainingJob(job_uuid=r.job_uuid) for r in self._jobs()])
 
     async def get_training_job_status(self, job_uuid: str) -> PostTrainingJobStatusResponse:
-        return self.table.snapshot(job_uuid).status_response()
+        return self._job(job_uuid).status_response()
 
     async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
-        return self.table.snapshot(job_uuid).artifacts_response()
+        return self._job(job_uuid).artifacts_response()
 
     async def cancel_training_job(self, job_uuid: str) -> None:
+        self._job(job_uuid)
         status = self.scheduler.cancel(job_uuid)
         if status in FINAL_STATES and status != JobStatus.cancelled:
             raise ConflictError(f"job '{job_uuid}' already {status.value}; only scheduled or running jobs can be "
@@ -241,6 +251,7 @@ class TrlPostTrainingImpl:
 
     async def delete_training_job(self, job_uuid: str) -> None:
         """A finished job's record, then its files (a directory left by a failure here is set aside at start-up)."""
+        self._job(job_uuid)
         await self.table.delete(job_uuid)
         await asyncio.to_thread(shutil.rmtree, self.output_dir / job_uuid, True)
 
