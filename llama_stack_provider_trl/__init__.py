@@ -15,6 +15,7 @@ async def get_provider_impl(config: TrlPostTrainingConfig, deps: dict[Any, Any])
     # rather than accept jobs that would all fail
     training_device(config.device)
 
-    impl = TrlPostTrainingImpl(config, datasetio=deps.get(Api.datasetio), datasets=deps.get(Api.datasets))
+    impl = TrlPostTrainingImpl(config, datasetio=deps.get(Api.datasetio), datasets=deps.get(Api.datasets),
+                               files=deps.get(Api.files))
     await impl.initialize()
     return impl

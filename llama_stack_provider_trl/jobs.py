@@ -77,10 +77,24 @@ class JobRecord(BaseModel):
     resumed_from_step: int | None = Field(default=None, description="Set when the job continued after a restart.")
     attempts: int = Field(default=0, description="How many times the job has started training (resumes included).")
     crashes: int = Field(default=0, description="Starts that ended with the server dying without a clean shutdown.")
+    paused: bool = Field(default=False, description="Paused (status scheduled, not queued) until resumed.")
+    events: list[dict[str, Any]] = Field(
+        default_factory=list, description="Lifecycle events (created, validated, paused, resumed), oldest first: "
+        "{created_at (Unix s), level, message, data}; the rest of a job's events follow from its record and history.")
+    openai: dict[str, Any] | None = Field(
+        default=None, description="For jobs created through /v1/fine_tuning/jobs: the OpenAI request's fields "
+        "(openai_ft.py), resolved.")
 
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATES
+
+    def add_event(self, message: str, level: str = "info", **data: Any) -> list[dict[str, Any]]:
+        """The events with one more, for an update(events=...)."""
+        event = {"created_at": now().timestamp(), "level": level, "message": message}
+        if data:
+            event["data"] = data
+        return [*self.events, event]
 
     def status_response(self) -> PostTrainingJobStatusResponse:
         return PostTrainingJobStatusResponse(

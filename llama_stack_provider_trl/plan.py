@@ -38,6 +38,7 @@ class TrainingPlan:
     strategy: str = "ddp"
     fsdp_cpu_offload: bool = False
     n_rows: int = 0  # the training rows the plan counted
+    seed: int = 42  # TrainingArguments' default
     warnings: list[str] = field(default_factory=list)
 
 
@@ -182,6 +183,7 @@ def make_plan(tc: TrainingConfig, n_rows: int, config: TrlPostTrainingConfig) ->
         strategy=strategy,
         fsdp_cpu_offload=cpu_offload,
         n_rows=n_rows,
+        seed=42 if tc.seed is None else tc.seed,
         warnings=warnings,
     )
 

@@ -7,7 +7,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from .hardware import training_device
 from .jobs import FINAL_STATES, JobRecord, JobTable, now
 from .lora_targets import SafetensorsError, linear_modules, lora_target_modules
 from .plan import TrainingPlan, check_memory_limits, make_plan
+from .openai_ft import OpenAIFineTuning
 from .scheduler import CRASHED, INTERRUPTED, Scheduler, read_result
 
 log = logging.getLogger(__name__)
@@ -53,17 +54,21 @@ SHUTDOWN_BUDGET_S = 4.5  # Llama Stack gives each provider 5 s to shut down
 # start-up sets aside job directories that have no record.
 NOT_JOBS = ("hub-cache", ".orphaned")
 SEQUENCES_PER_ROW = {"dpo": 2, "sft": 1}  # DPO trains on chosen and rejected
+RowsFor = Callable[[str, str], Awaitable[list[dict]]]  # (dataset_id, field) -> the job's rows, checked
 
 
 class TrlPostTrainingImpl:
-    def __init__(self, config: TrlPostTrainingConfig, datasetio: Any = None, datasets: Any = None) -> None:
+    def __init__(self, config: TrlPostTrainingConfig, datasetio: Any = None, datasets: Any = None,
+                 files: Any = None) -> None:
         self.config = config
         self.datasetio = datasetio
         self.datasets = datasets
+        self.files = files  # the Files API, when the stack has one: OpenAI training files and results files
         self.output_dir = config.resolved_output_dir()
         self.max_request_bytes = config.limits.max_request_bytes  # read by the routes
         self.table: JobTable | None = None
         self.scheduler: Scheduler | None = None
+        self.fine_tuning = OpenAIFineTuning(self)  # /v1/fine_tuning/jobs, on this same job table
 
     async def initialize(self) -> None:
         from llama_stack.core.storage.kvstore import kvstore_impl
@@ -92,6 +97,8 @@ class TrlPostTrainingImpl:
                               completed_at=record.completed_at or now(),
                               warnings=[*record.warnings, "completed before the server stopped; recorded at restart"])
             return
+        if record.paused:
+            return  # waits for a resume, restart or not
         if not self.config.resume_interrupted_jobs:
             self.table.update(job_uuid, status=JobStatus.failed, error=INTERRUPTED, completed_at=now())
             return
@@ -130,7 +137,9 @@ class TrlPostTrainingImpl:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    async def preference_optimize(self, request: PreferenceOptimizeRequest) -> PostTrainingJob:
+    async def preference_optimize(self, request: PreferenceOptimizeRequest, rows_for: RowsFor | None = None,
+                                  record_fields: dict[str, Any] | None = None) -> PostTrainingJob:
+        """rows_for and record_fields: for the OpenAI routes, which read and convert the rows themselves."""
         warnings = request.algorithm_config.ignored_fields()
         model_dir = self._check_model(request.finetuned_model, "finetuned_model")
         if model_dir is not None:  # the job uses the directory checked now, whatever a symlink says later
@@ -140,12 +149,16 @@ class TrlPostTrainingImpl:
                 self._check_quantize_base()
             self._check_lora(model_dir, request.algorithm_config.lora, "algorithm_config.lora")
 
-        async def rows_for(dataset_id: str, field: str) -> list[dict]:
+        async def dpo_rows(dataset_id: str, field: str) -> list[dict]:
             return await self._rows(dataset_id, field, lambda rows: preference_rows(rows, preference_format(rows, field)))
 
-        return await self._submit("dpo", request, request.training_config, rows_for, warnings)
+        return await self._submit("dpo", request, request.training_config, rows_for or dpo_rows, warnings,
+                                  record_fields=record_fields)
 
-    async def supervised_fine_tune(self, request: SupervisedFineTuneRequest) -> PostTrainingJob:
+    async def supervised_fine_tune(self, request: SupervisedFineTuneRequest, rows_for: RowsFor | None = None,
+                                   record_fields: dict[str, Any] | None = None) -> PostTrainingJob:
+        """rows_for and record_fields: for the OpenAI routes, which read and convert the rows themselves (and
+        hold out no validation rows: OpenAI validates only on a validation_file)."""
         model = request.model or self.config.default_model
         if not model:
             raise ValueError("model: required (the provider has no default_model)")
@@ -162,7 +175,7 @@ class TrlPostTrainingImpl:
         declared = request.training_config.data_config.data_format
         formats: list[str] = []  # the training set's, which the validation set must share
 
-        async def rows_for(dataset_id: str, field: str) -> list[dict]:
+        async def sft_rows_for(dataset_id: str, field: str) -> list[dict]:
             def check(rows: list[dict]) -> list[dict]:
                 fmt = sft_format(rows, field, declared.value if declared else (formats[0] if formats else None))
                 formats.append(fmt)
@@ -172,11 +185,12 @@ class TrlPostTrainingImpl:
 
         # the job uses the directory checked now, whatever a symlink says later
         resolved = request.model_copy(update={"model": str(model_dir) if model_dir is not None else model})
-        return await self._submit("sft", resolved, request.training_config, rows_for, warnings,
-                                  hold_out_fraction=self.config.validation_fraction)
+        return await self._submit("sft", resolved, request.training_config, rows_for or sft_rows_for, warnings,
+                                  hold_out_fraction=0.0 if rows_for else self.config.validation_fraction,
+                                  record_fields=record_fields)
 
     async def _submit(self, method: str, request: Any, tc: TrainingConfig, rows_for, warnings: list[str],
-                      hold_out_fraction: float = 0.0) -> PostTrainingJob:
+                      hold_out_fraction: float = 0.0, record_fields: dict[str, Any] | None = None) -> PostTrainingJob:
         assert self.table is not None and self.scheduler is not None
         job_uuid = request.job_uuid
         check_storable(request)
@@ -214,7 +228,7 @@ class TrlPostTrainingImpl:
             created = True
             await asyncio.to_thread(self._write_snapshot, job_dir, train, validation)
             record = JobRecord(job_uuid=job_uuid, method=method, request=request.model_dump(mode="json"),
-                               warnings=warnings, n_rows=len(train))
+                               warnings=warnings, n_rows=len(train), **(record_fields or {}))
             await self.table.add(record)  # 503 if the store refuses it; the job then exists nowhere
         except BaseException:
             self.table.release(job_uuid)

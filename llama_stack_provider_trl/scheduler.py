@@ -47,6 +47,7 @@ class Running:
     devices: list[str]
     handle: RunningJob | None = None
     cancelled: bool = False
+    pausing: bool = False  # stop at a resumable checkpoint, then wait for a resume
     watcher: threading.Thread | None = field(default=None, repr=False)
 
 
@@ -93,7 +94,9 @@ class Scheduler:
         with self._lock:
             record = self.table.snapshot(job_uuid)
             if record.status == JobStatus.scheduled:
-                self.table.update(job_uuid, status=JobStatus.cancelled, completed_at=now())
+                if record.paused:  # its resumable checkpoint is of no use any more
+                    self.discard(self.config.resolved_output_dir() / job_uuid)
+                self.table.update(job_uuid, status=JobStatus.cancelled, completed_at=now(), paused=False)
                 return JobStatus.cancelled
             running = self._running.get(job_uuid)
             if record.status == JobStatus.in_progress and running is not None:
@@ -101,6 +104,39 @@ class Scheduler:
                 if running.handle is not None:
                     running.handle.kill()
             return record.status
+
+    def pause(self, job_uuid: str) -> str:
+        """Take a job out of the queue: a waiting one at once; a running one stops at its next step with a
+        resumable checkpoint (the shutdown's stop request, for this job alone) and gives its devices back.
+        Returns "paused", "pausing", or the final status of a job that has already ended."""
+        with self._lock:
+            record = self.table.snapshot(job_uuid)
+            if record.paused:
+                return "paused"
+            if record.status == JobStatus.scheduled:
+                self.table.update(job_uuid, paused=True, progress=self._phase(job_uuid, "paused"),
+                                  events=record.add_event("Fine-tuning job paused while queued",
+                                                          step=record.progress.step if record.progress else 0))
+                return "paused"
+            running = self._running.get(job_uuid)
+            if record.status == JobStatus.in_progress and running is not None:
+                running.pausing = True
+                if running.handle is not None:
+                    running.handle.stop()
+                return "pausing"
+            return record.status.value
+
+    def resume(self, job_uuid: str) -> bool:
+        """Queue a paused job again; its worker resumes from the latest checkpoint. False if it is not paused."""
+        with self._lock:
+            record = self.table.snapshot(job_uuid)
+            if not record.paused or record.status != JobStatus.scheduled:
+                return False
+            self.table.update(job_uuid, paused=False, progress=self._phase(job_uuid, "queued"),
+                              events=record.add_event("Fine-tuning job resumed"))
+            self._waiting.append(job_uuid)
+            self._lock.notify_all()
+            return True
 
     def shutdown(self, timeout: float) -> None:
         """Ask running jobs for a checkpoint, record what happens to them, kill what is left at `timeout`."""
@@ -118,7 +154,7 @@ class Scheduler:
                     running.handle.stop()
             if not self.config.resume_interrupted_jobs:
                 for record in self.table.all():
-                    if record.status == JobStatus.scheduled:
+                    if record.status == JobStatus.scheduled and not record.paused:
                         self.table.update(record.job_uuid, status=JobStatus.failed, error=INTERRUPTED, completed_at=now())
             watchers = [r.watcher for r in self._running.values() if r.watcher is not None]
             self._lock.notify_all()
@@ -168,7 +204,8 @@ class Scheduler:
         while self._waiting:
             job_uuid = self._waiting[0]
             try:
-                if self.table.snapshot(job_uuid).status != JobStatus.scheduled:
+                record = self.table.snapshot(job_uuid)
+                if record.status != JobStatus.scheduled or record.paused:
                     self._waiting.pop(0)
                     continue
             except Exception:  # noqa: BLE001 - deleted meanwhile
@@ -183,7 +220,7 @@ class Scheduler:
         with self._lock:
             self._waiting.remove(job_uuid)
             record = self.table.snapshot(job_uuid)
-            if record.status != JobStatus.scheduled:
+            if record.status != JobStatus.scheduled or record.paused:
                 return
             try:
                 plan = self.plan_for(record)
@@ -214,6 +251,8 @@ class Scheduler:
             running.handle = handle
             if running.cancelled:
                 handle.kill()
+            elif running.pausing:
+                handle.stop()
             running.watcher = threading.Thread(target=self._watch, args=(job_uuid, handle),
                                                name=f"trl-job-{job_uuid}", daemon=True)
             running.watcher.start()
@@ -239,6 +278,12 @@ class Scheduler:
                     self.discard(job_dir)
                     self.table.update(job_uuid, status=JobStatus.cancelled, completed_at=now(),
                                       progress=self._phase(job_uuid, "cancelled"))
+                elif running.pausing and outcome.status == "interrupted":
+                    record = self.table.snapshot(job_uuid)
+                    step = record.progress.step if record.progress else 0
+                    self.table.update(job_uuid, status=JobStatus.scheduled, paused=True,
+                                      progress=self._phase(job_uuid, "paused"),
+                                      events=record.add_event(f"Fine-tuning job paused at step {step}", step=step))
                 elif self._stopping and outcome.status in ("interrupted", "killed"):
                     pass  # shutdown() recorded its state; the checkpoint, if any, resumes at restart
                 elif outcome.status == "completed":

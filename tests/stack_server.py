@@ -68,6 +68,8 @@ class StackServer:
         run["providers"]["post_training"][0]["config"] = self.provider_config()
         for backend in run["storage"]["backends"].values():
             backend["db_path"] = str(self.root / Path(backend["db_path"]).name)
+        for files in run["providers"].get("files", []):
+            files["config"]["storage_dir"] = str(self.root / "files")
         run.update(self.run_overrides)
         self.config_path.write_text(yaml.safe_dump(run, sort_keys=False))
         return self.config_path

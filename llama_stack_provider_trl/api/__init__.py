@@ -28,6 +28,7 @@ def trl_provider_spec() -> ProviderSpec:
         config_class="llama_stack_provider_trl.config.TrlPostTrainingConfig",
         pip_packages=["llama-stack-provider-trl"],
         api_dependencies=[Api.datasetio, Api.datasets],
+        optional_api_dependencies=[Api.files],  # OpenAI fine-tuning's training and results files
         description="DPO and supervised fine-tuning with Hugging Face TRL, in worker processes on one or more "
         "devices.",
     )

@@ -137,6 +137,10 @@ class TrainingConfig(_Strict):
     max_seq_length: int | None = Field(
         default=None, ge=8, description="Extension: token limit per sequence; the provider's max_seq_length when absent."
     )
+    seed: int | None = Field(
+        default=None, ge=0, le=2**31 - 1,
+        description="Extension: the trainer's random seed (data order, new weights); the same seed and request give "
+        "the same weights. Absent: 42, the Trainer's default.")
 
     @model_validator(mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from .models import (
     PreferenceOptimizeRequest,
     SupervisedFineTuneRequest,
 )
+from .openai_routes import add_openai_routes
 from .protocol import PostTraining
 
 log = logging.getLogger(__name__)
@@ -187,4 +188,5 @@ def create_router(impl: PostTraining | None) -> APIRouter:
                          summary="Cancel a training job.")
     router.add_api_route(base, job_delete_by_path, methods=["DELETE"], status_code=200,
                          summary="Delete a finished training job: its record and every file it wrote.")
+    add_openai_routes(router, _impl)  # /v1/fine_tuning/jobs, on the same job table
     return router

@@ -177,6 +177,7 @@ def trainer_arguments(ctx: JobContext, device: str, precision: str) -> dict[str,
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
         train_sampling_strategy="random" if plan.shuffle else "sequential",
+        seed=plan.seed,
     )
     if plan.optim:
         args["optim"] = plan.optim

@@ -49,8 +49,11 @@ def build_trainer(ctx: JobContext, model, tokenizer, device: str, precision: str
     # data.sft_rows wrote TRL's formats: {"prompt", "completion"} or {"messages"}
     train_rows = read_jsonl(ctx.data_dir / "train.jsonl")
     dialog = "messages" in train_rows[0]
+    # conversational prompt/completion rows: OpenAI chat rows whose first assistant messages have weight 0
+    # (openai_data.py); their loss is on the completion's assistant turns, both masks together
+    conversational = dialog or isinstance(train_rows[0].get("prompt"), list)
     mask_input = not data_config.train_on_input
-    if dialog:
+    if conversational:
         _check_chat_template(tokenizer, assistant_only=mask_input)
 
     validation = common.validation_dataset(ctx)
@@ -60,7 +63,7 @@ def build_trainer(ctx: JobContext, model, tokenizer, device: str, precision: str
         max_length=plan.max_length,
         packing=bool(data_config.packed),
         completion_only_loss=mask_input and not dialog,
-        assistant_only_loss=mask_input and dialog,
+        assistant_only_loss=mask_input and conversational,
         **common.evaluation_arguments(ctx, validation),
         trust_remote_code=ctx.config.trust_remote_code,
         activation_offloading=plan.activation_offloading,
