@@ -70,6 +70,10 @@ class OpenAIFineTuning:
         internal = "dpo" if method == "dpo" else "sft"
         if method == "dpo":
             resolved["beta"] = _given(given, "beta", p.config.dpo_beta)
+        lr = BASE_LEARNING_RATE[internal] * resolved["learning_rate_multiplier"]
+        if lr > 1.0:
+            raise ValueError(f"hyperparameters.learning_rate_multiplier: {resolved['learning_rate_multiplier']} times "
+                             f"the base learning rate {BASE_LEARNING_RATE[internal]} is {lr}, above 1")
         seed = request.seed if request.seed is not None else random.randrange(2**31)
         job_uuid = f"ftjob-{uuid.uuid4().hex[:24]}"
         batch = resolved["batch_size"]
@@ -80,7 +84,7 @@ class OpenAIFineTuning:
             "seed": seed,
             "data_config": {"dataset_id": request.training_file, "batch_size": batch, "shuffle": True,
                             "validation_dataset_id": request.validation_file},
-            "optimizer_config": {"lr": BASE_LEARNING_RATE[internal] * resolved["learning_rate_multiplier"]},
+            "optimizer_config": {"lr": lr},
         }
         now_ts = time.time()
         record_fields = {"openai": {
@@ -112,8 +116,9 @@ class OpenAIFineTuning:
                 internal_request = SupervisedFineTuneRequest.model_validate({
                     "job_uuid": job_uuid, "model": request.model, "training_config": training_config})
                 await p.supervised_fine_tune(internal_request, rows_for=rows_for, record_fields=record_fields)
-        except ValueError as exc:
-            raise ValueError(_openai_field_names(str(exc))) from None
+        except (ValueError, PermissionError) as exc:  # name the fields the client sent
+            kind = PermissionError if isinstance(exc, PermissionError) else ValueError
+            raise kind(_openai_field_names(str(exc))) from None
         return await self.retrieve(job_uuid)
 
     async def _read(self, ref: str, field: str) -> Rows:

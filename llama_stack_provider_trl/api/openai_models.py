@@ -37,8 +37,8 @@ class Hyperparameters(_Strict):
     @field_validator("learning_rate_multiplier")
     @classmethod
     def _positive_multiplier(cls, value: Any) -> Any:
-        if isinstance(value, float) and not 0 < value <= 100:
-            raise ValueError("must be 'auto' or a number above 0, at most 100")
+        if isinstance(value, int | float) and not value > 0:  # the learning rate it gives is checked too (at most 1)
+            raise ValueError("must be 'auto' or a number above 0")
         return value
 
 
@@ -49,7 +49,7 @@ class DpoHyperparameters(Hyperparameters):
     @field_validator("beta")
     @classmethod
     def _positive_beta(cls, value: Any) -> Any:
-        if isinstance(value, float) and not 0 < value <= 100:
+        if isinstance(value, int | float) and not 0 < value <= 100:
             raise ValueError("must be 'auto' or a number above 0, at most 100")
         return value
 
