@@ -227,6 +227,31 @@ def test_cancel_a_waiting_job_and_a_running_one(table, make_scheduler):
     assert [name for name, _, _ in sched.executor.started] == ["running"]  # the waiting job never started
 
 
+def test_pause_frees_the_device_and_resume_queues_the_job_again(table, make_scheduler):
+    sched = make_scheduler()
+    add(table, "long", "wait")
+    add(table, "next", "wait")
+    add(table, "queued")
+    for name in ("long", "next", "queued"):
+        sched.submit(name)
+    wait_for(table, "long", {JobStatus.in_progress})
+    assert sched.pause("queued") == "paused"  # a waiting job leaves the queue at once
+    assert sched.pause("long") == "pausing"  # a running one is asked for a checkpoint
+    assert sched.executor.jobs["long"].stopped.is_set()
+    wait_for(table, "next", {JobStatus.in_progress})  # its slot went to the next job
+    record = table.snapshot("long")
+    assert (record.status, record.paused, record.progress.phase) == (JobStatus.scheduled, True, "paused")
+    assert record.events[-1]["message"].startswith("Fine-tuning job paused at step")
+    assert sched.resume("next") is False  # not paused
+    assert sched.resume("long") is True
+    assert sched.cancel("next") == JobStatus.in_progress
+    wait_for(table, "long", {JobStatus.in_progress})
+    assert [name for name, _, _ in sched.executor.started] == ["long", "next", "long"]  # "queued" stayed paused
+    assert table.snapshot("queued").paused and sched.cancel("queued") == JobStatus.cancelled
+    sched.cancel("long")
+    wait_for(table, "long", {JobStatus.cancelled})
+
+
 def test_shutdown_reschedules_the_running_job(table, make_scheduler):
     sched = make_scheduler(resume_interrupted_jobs=True)
     add(table, "long", "wait")
