@@ -21,7 +21,7 @@ from llama_stack_api.common.errors import ConflictError
 from . import history
 from .api.models import JobStatus, PreferenceOptimizeRequest, SupervisedFineTuneRequest
 from .api.openai_models import CreateFineTuningJobRequest, FineTuningJob, Page
-from .data import DataError, is_local_file_reference, load_rows
+from .data import DataError, check_strings, is_local_file_reference, load_rows
 from .openai_data import Rows, dpo_training_rows, parse_jsonl, sft_training_rows
 from .openai_view import BASE_LEARNING_RATE, checkpoints, events, job_object, page, results_csv
 
@@ -51,6 +51,8 @@ class OpenAIFineTuning:
 
     async def create(self, request: CreateFineTuningJobRequest) -> FineTuningJob:
         p = self.provider
+        for key, value in request.model_dump(mode="python").items():
+            check_strings(value, key, name_path=True)  # kept in the job's record, stored as UTF-8 JSON
         method = request.method.type if request.method else "supervised"
         settings = request.method.dpo if method == "dpo" else (request.method.supervised if request.method else None)
         hyper = (settings.hyperparameters if settings else None) or request.hyperparameters
@@ -150,7 +152,7 @@ class OpenAIFineTuning:
     async def list(self, after: str | None, limit: int, metadata: dict[str, str]) -> Page:
         records = [r for r in reversed(self.provider._jobs())  # newest first
                    if all(((r.openai or {}).get("metadata") or {}).get(k) == v for k, v in metadata.items())]
-        jobs = [job_object(r, self._history(r)) for r in records]
+        jobs = [job_object(r, self._history(r)) for r in [await self._with_results(r) for r in records]]
         return page(jobs, after, limit, "Fine-tuning job")
 
     async def list_events(self, job_id: str, after: str | None, limit: int) -> Page:

@@ -202,6 +202,10 @@ class LocalJob:
             if _is_our_worker(proc["pid"]):
                 _kill(proc["pid"])
         _kill_session(self.process.pid)
+        if self.process.poll() is None:
+            # a process forked a moment ago may not have its own session yet (setsid), so the killpg above
+            # finds no group: a cancel right after the start would be lost and the job train on
+            _kill(self.process.pid)
 
     def wait(self, report: Report) -> Outcome:
         reader = EventReader(self.job_dir)
