@@ -42,8 +42,8 @@ from .executors import LocalExecutor
 from .hardware import training_device
 from .jobs import FINAL_STATES, JobRecord, JobTable, now
 from .lora_targets import SafetensorsError, linear_modules, lora_target_modules
-from .plan import TrainingPlan, check_memory_limits, make_plan
 from .openai_ft import OpenAIFineTuning
+from .plan import TrainingPlan, check_memory_limits, make_plan
 from .scheduler import CRASHED, INTERRUPTED, Scheduler, read_result
 
 log = logging.getLogger(__name__)

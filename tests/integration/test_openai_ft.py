@@ -253,3 +253,19 @@ def test_refused_fields_are_a_400_naming_them(client, tiny_model, dpo_file, extr
     with pytest.raises(openai.BadRequestError) as caught:
         client.fine_tuning.jobs.create(**body)
     assert field in caught.value.message, caught.value.message
+
+
+def test_routes_are_served_and_listed_in_pages(client, server):
+    routes = httpx.get(f"{server.url}/v1/inspect/routes", timeout=30).json()["data"]
+    served = {r["route"] for r in routes}
+    base = "/v1/fine_tuning/jobs"
+    assert {base, base + "/{fine_tuning_job_id}", *(f"{base}/{{fine_tuning_job_id}}/{p}" for p in (
+        "cancel", "pause", "resume", "events", "checkpoints"))} <= served
+    assert base in httpx.get(f"{server.url}/openapi.json", timeout=30).json()["paths"]
+
+    everything = [j.id for j in client.fine_tuning.jobs.list(limit=1000).data]
+    first = client.fine_tuning.jobs.list(limit=1)
+    second = client.fine_tuning.jobs.list(after=first.data[0].id, limit=1)
+    assert [first.data[0].id, second.data[0].id] == everything[:2] and first.has_more
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("ftjob-doesnotexist")
