@@ -169,3 +169,31 @@ def test_results_csv_has_a_row_per_logged_step():
     rows = list(csv.DictReader(io.StringIO(results_csv("dpo", HISTORY))))
     assert [(r["step"], r["train_loss"], r["valid_loss"], r["train_reward_margin"]) for r in rows] == [
         ("1", "0.69", "", "0.0"), ("2", "0.5", "0.6", "0.3")]
+
+
+def test_a_paused_job_stays_paused_across_a_restart(tmp_path):
+    """At start-up the provider resubmits unfinished jobs, but not a paused one: it waits for its resume."""
+    from llama_stack_provider_trl.post_training import TrlPostTrainingImpl
+
+    class Table:
+        def __init__(self):
+            self.updates = []
+
+        def update(self, job_uuid, **changes):
+            self.updates.append((job_uuid, changes))
+
+    class Scheduler:
+        def __init__(self):
+            self.submitted = []
+
+        def submit(self, job_uuid):
+            self.submitted.append(job_uuid)
+
+    for resume in (True, False):
+        impl = TrlPostTrainingImpl(TrlPostTrainingConfig(device="cpu", output_dir=str(tmp_path),
+                                                         resume_interrupted_jobs=resume))
+        impl.table, impl.scheduler = Table(), Scheduler()
+        impl._recover(record(status=JobStatus.scheduled, paused=True, completed_at=None))
+        assert impl.table.updates == [] and impl.scheduler.submitted == []
+        impl._recover(record(job_uuid="other", status=JobStatus.scheduled, completed_at=None))
+        assert (impl.scheduler.submitted == ["other"]) == resume
