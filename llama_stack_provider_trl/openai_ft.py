@@ -157,7 +157,8 @@ class OpenAIFineTuning:
 
     async def list_events(self, job_id: str, after: str | None, limit: int) -> Page:
         record = self.provider._job(job_id)
-        return page(events(record, self._history(record)), after, limit, "Fine-tuning event")
+        found = events(record, self._history(record), self.provider.output_dir / job_id)
+        return page(found, after, limit, "Fine-tuning event")
 
     async def list_checkpoints(self, job_id: str, after: str | None, limit: int) -> Page:
         record = self.provider._job(job_id)

@@ -124,8 +124,8 @@ def metrics_data(method: str, row: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def events(record: JobRecord, history: list[dict[str, Any]]) -> list[FineTuningJobEvent]:
-    """Every event of the job, newest first."""
+def events(record: JobRecord, history: list[dict[str, Any]], job_dir: Path | None = None) -> list[FineTuningJobEvent]:
+    """Every event of the job, newest first; with job_dir, also the resumable checkpoint an unfinished job keeps."""
     job = record.job_uuid
     found: list[tuple[float, int, FineTuningJobEvent]] = []
 
@@ -147,6 +147,10 @@ def events(record: JobRecord, history: list[dict[str, Any]]) -> list[FineTuningJ
     for i, checkpoint in enumerate(record.checkpoints):
         add(checkpoint.created_at.timestamp(), f"checkpoint-{i}", f"Checkpoint saved: {checkpoint.identifier}",
             data={"path": checkpoint.path, "kind": checkpoint.kind})
+    kept = latest_checkpoint(job_dir / "checkpoints") if job_dir is not None and not record.is_final else None
+    if kept is not None:
+        add(kept.stat().st_mtime, f"checkpoint-{kept.name}",
+            f"Checkpoint saved at step {kept.name.rsplit('-', 1)[1]} (resumable)", data={"path": str(kept)})
     if record.is_final and record.completed_at is not None:
         at = record.completed_at.timestamp()
         if record.status == JobStatus.completed:

@@ -154,8 +154,9 @@ class Scheduler:
                     running.handle.stop()
             if not self.config.resume_interrupted_jobs:
                 for record in self.table.all():
-                    if record.status == JobStatus.scheduled and not record.paused:
-                        self.table.update(record.job_uuid, status=JobStatus.failed, error=INTERRUPTED, completed_at=now())
+                    if record.status == JobStatus.scheduled and not record.paused:  # paused ones wait for a resume
+                        self.table.update(record.job_uuid, status=JobStatus.failed, error=INTERRUPTED,
+                                          completed_at=now())
             watchers = [r.watcher for r in self._running.values() if r.watcher is not None]
             self._lock.notify_all()
         for watcher in watchers:

@@ -183,8 +183,8 @@ def test_pause_then_resume_ends_at_the_same_step_count(client, server, tiny_mode
     assert 0 < step < total
     [kept] = client.fine_tuning.jobs.checkpoints.list(job.id).data  # the resumable checkpoint
     assert kept.step_number == step and kept.fine_tuned_model_checkpoint.endswith(f":ckpt-step-{step}")
-    assert any(e.message == f"Fine-tuning job paused at step {step}"
-               for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data)
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert messages[:2] == [f"Fine-tuning job paused at step {step}", f"Checkpoint saved at step {step} (resumable)"]
     assert client.fine_tuning.jobs.resume(job.id).status in ("queued", "running", "succeeded")
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.resume(job.id)  # no longer paused
