@@ -93,8 +93,9 @@ def dpo_done(client, tiny_model, dpo_file) -> FineTuningJob:
 
 def test_supervised_job_from_openai_chat_rows(client, server, tiny_model, seed_rows):
     training_file = upload(client, "chat.jsonl", jsonl(chat_rows(seed_rows)))
+    validation_file = upload(client, "valid.jsonl", jsonl(chat_rows(seed_rows[8:])[:2]))
     job = client.fine_tuning.jobs.create(
-        model=str(tiny_model), training_file=training_file, suffix="chat", seed=3, metadata={"suite": "openai-sft"},
+        model=str(tiny_model), training_file=training_file, validation_file=validation_file, suffix="chat", seed=3, metadata={"suite": "openai-sft"},
         hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 50})  # the legacy place
     parses(job)
     assert job.method.type == "supervised" and job.seed == 3
@@ -109,6 +110,9 @@ def test_supervised_job_from_openai_chat_rows(client, server, tiny_model, seed_r
     rows = list(csv.DictReader(io.StringIO(client.files.content(results).text)))
     assert [r["step"] for r in rows][-1] == "2"
     assert rows[0]["train_loss"] and rows[0]["train_mean_token_accuracy"]
+    assert rows[-1]["valid_loss"] and rows[-1]["valid_mean_token_accuracy"]  # validation_file, once per epoch
+    [checkpoint] = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoint.metrics.valid_loss == float(rows[-1]["valid_loss"])
 
     listed = client.fine_tuning.jobs.list(metadata={"suite": "openai-sft"})
     assert [j.id for j in listed.data] == [job.id]
@@ -160,11 +164,16 @@ def test_dpo_job_events_checkpoints_and_the_post_training_view(client, server, d
 
 def test_same_seed_and_request_give_the_same_weights(client, dpo_done, dpo_file, tiny_model):
     twin = dpo_job(client, dpo_file, model=str(tiny_model), suffix="prefs", metadata={"suite": "openai-dpo"})
-    done = wait(client, twin.id)
-    assert done.status == "succeeded" and done.seed == dpo_done.seed == 7
-    paths = [client.fine_tuning.jobs.checkpoints.list(j).data[0].path for j in (dpo_done.id, twin.id)]
-    a, b = (load_file(f"{p}/model.safetensors") for p in paths)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = dpo_job(client, dpo_file, model=str(tiny_model), seed=8)  # another order of the rows
+    weights = []
+    for job in (dpo_done, twin, other):
+        done = wait(client, job.id)
+        assert done.status == "succeeded", done.error
+        weights.append(load_file(f"{client.fine_tuning.jobs.checkpoints.list(job.id).data[0].path}/model.safetensors"))
+    assert twin.seed == dpo_done.seed == 7 and other.seed == 8
+    same, different = weights[0], weights[2]
+    assert all(torch.equal(same[k], weights[1][k]) for k in same)
+    assert any(not torch.equal(same[k], different[k]) for k in same)
 
 
 def test_pause_then_resume_ends_at_the_same_step_count(client, server, tiny_model, seed_rows):
