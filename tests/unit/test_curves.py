@@ -31,15 +31,27 @@ def test_nothing_is_drawn_before_anything_is_logged(tmp_path):
     assert not (tmp_path / "curves.png").exists()
 
 
-def test_redrawer_reports_the_path_once_and_a_failure_as_one_warning(tmp_path, monkeypatch):
+def test_an_sft_history_is_drawn_with_loss_and_token_accuracy(tmp_path):
+    for step in (1, 2, 3):
+        history.append(tmp_path, step, {"loss": 3.0 / step, "mean_token_accuracy": 0.1 * step})
+    history.append(tmp_path, 3, {"eval_loss": 2.0, "eval_mean_token_accuracy": 0.25})
+    curves.draw(tmp_path, "sft", "SFT job")
+    assert_shows_curves(tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as image:
+        assert 1.5 * image.height < image.width < 2.5 * image.height  # two panels: loss, token accuracy
+
+
+def test_redrawer_is_throttled_reports_the_path_once_and_a_failure_as_one_warning(tmp_path, monkeypatch):
     reports = []
     redrawer = curves.Redrawer(tmp_path, "dpo", "t", lambda **fields: reports.append(fields), every_s=3600)
     dpo_history(tmp_path, steps=2)
     redrawer.maybe()  # within every_s of the start: no drawing yet
     assert reports == [] and not (tmp_path / "curves.png").exists()
+    redrawer.every_s = 0
+    redrawer.maybe()
+    assert_shows_curves(tmp_path / "curves.png")
     redrawer.now()
-    redrawer.now()
-    assert reports == [{"curves": str(tmp_path / "curves.png")}]
+    assert reports == [{"curves": str(tmp_path / "curves.png")}]  # said once, however often it is redrawn
 
     def broken(*args, **kwargs):
         raise OSError("No space left on device")
