@@ -110,7 +110,7 @@ class TrlPostTrainingConfig(BaseModel):
     report_to: list[Literal["tensorboard", "trackio"]] = Field(
         default_factory=list,
         description="Trackers that also receive every job's logged metrics: tensorboard (event files in "
-        "<output_dir>/<job_uuid>/tensorboard) and/or trackio (a local database in <output_dir>/trackio). A name, a "
+        "<output_dir>/<job_uuid>/tensorboard) and/or trackio (a local database in <output_dir>/.trackio). A name, a "
         "list, or none; each must be installed, else the server does not start.",
     )
     limits: Limits = Field(default_factory=Limits)

@@ -191,21 +191,23 @@ def trainer_arguments(ctx: JobContext, device: str, precision: str) -> dict[str,
 
 
 TRACKIO_PROJECT = "llama-stack-trl"
+TRACKIO_DIR = ".trackio"
 
 
 def tracker_arguments(ctx: JobContext) -> dict[str, Any]:
     """The provider's report_to trackers, writing under output_dir like everything else a job writes. Both
     take their directory only from the environment (read when the Trainer is made, in this job's own process):
     TensorBoard event files go to <job_dir>/tensorboard (not under output_dir/checkpoints, the Trainer's
-    default, which is removed when the job completes), trackio's database to <output_dir>/trackio, one project
-    with a run per job."""
+    default, which is removed when the job completes), trackio's database to <output_dir>/.trackio, one project
+    with a run per job (a dot directory: no job id starts with a dot, and start-up leaves such directories alone
+    rather than taking them for orphaned jobs)."""
     trackers = list(ctx.config.report_to)
     if not trackers:
         return {"report_to": "none"}
     if "tensorboard" in trackers:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.job_dir / "tensorboard")
     if "trackio" in trackers:
-        os.environ["TRACKIO_DIR"] = str(ctx.config.resolved_output_dir() / "trackio")
+        os.environ["TRACKIO_DIR"] = str(ctx.config.resolved_output_dir() / TRACKIO_DIR)
     return {"report_to": trackers, "run_name": ctx.job_uuid, "project": TRACKIO_PROJECT}
 
 

@@ -6,7 +6,7 @@ import sqlite3
 
 from test_dpo_losses import one_step_trainer
 
-from llama_stack_provider_trl.recipes.common import TRACKIO_PROJECT
+from llama_stack_provider_trl.recipes.common import TRACKIO_DIR, TRACKIO_PROJECT
 
 
 def test_report_to_tensorboard_and_trackio_log_the_job_locally(tmp_path, tiny_model, monkeypatch):
@@ -18,7 +18,7 @@ def test_report_to_tensorboard_and_trackio_log_the_job_locally(tmp_path, tiny_mo
     (events,) = (tmp_path / "loss" / "tensorboard").glob("events.out.tfevents.*")
     assert b"train/loss" in events.read_bytes()  # the scalar's tag, as TensorBoard shows it
 
-    database = tmp_path / "trackio" / f"{TRACKIO_PROJECT}.db"
+    database = tmp_path / TRACKIO_DIR / f"{TRACKIO_PROJECT}.db"
     with sqlite3.connect(database) as db:  # trackio's own table of logged metrics
         logged = {(run, json.loads(metrics).get("train/loss")) for run, metrics in
                   db.execute("select run_name, metrics from metrics")}
