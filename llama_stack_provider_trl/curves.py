@@ -84,8 +84,12 @@ def draw(job_dir: Path, method: str, title: str = "") -> Path | None:
                     fontsize=11)
     target = path(job_dir)
     scratch = job_dir / f".{FILE_NAME}.partial"
-    figure.savefig(scratch, format="png")
-    os.replace(scratch, target)
+    try:
+        figure.savefig(scratch, format="png")
+        os.replace(scratch, target)
+    except BaseException:
+        scratch.unlink(missing_ok=True)  # a full disk, say: leave no half-written picture behind
+        raise
     return target
 
 
