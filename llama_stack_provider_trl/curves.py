@@ -24,6 +24,7 @@ matplotlib.use("Agg")  # files only; no display, no GUI toolkit
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from . import history  # noqa: E402
 
@@ -76,6 +77,7 @@ def draw(job_dir: Path, method: str, title: str = "") -> Path | None:
                 ax.plot(steps, values, style, marker="o" if len(steps) <= 40 else None, markersize=3, label=label)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         if any(f"eval_{key}" in r for r in rows):
             ax.legend(fontsize=8)

@@ -18,7 +18,7 @@ def dpo_history(job_dir, steps=8):
 def test_a_dpo_history_is_drawn_with_its_panels(tmp_path):
     dpo_history(tmp_path)
     assert curves.draw(tmp_path, "dpo", "DPO job") == tmp_path / "curves.png"
-    assert_shows_curves(tmp_path / "curves.png")
+    assert_shows_curves(tmp_path / "curves.png", validation=True)
     with Image.open(tmp_path / "curves.png") as image:
         assert image.width > 2.5 * image.height  # three panels side by side: loss, reward margin, reward accuracy
     assert {p.name for p in tmp_path.iterdir()} == {"curves.png", "metrics.jsonl"}  # no scratch file left behind
@@ -36,7 +36,7 @@ def test_an_sft_history_is_drawn_with_loss_and_token_accuracy(tmp_path):
         history.append(tmp_path, step, {"loss": 3.0 / step, "mean_token_accuracy": 0.1 * step})
     history.append(tmp_path, 3, {"eval_loss": 2.0, "eval_mean_token_accuracy": 0.25})
     curves.draw(tmp_path, "sft", "SFT job")
-    assert_shows_curves(tmp_path / "curves.png")
+    assert_shows_curves(tmp_path / "curves.png", validation=True)
     with Image.open(tmp_path / "curves.png") as image:
         assert 1.5 * image.height < image.width < 2.5 * image.height  # two panels: loss, token accuracy
 
