@@ -31,8 +31,8 @@ from . import history  # noqa: E402
 log = logging.getLogger(__name__)
 
 FILE_NAME = "curves.png"
-# Drawing takes about 0.1-0.3 s on a CPU core: every 15 s keeps it near 1% of a long job's time, and a job
-# shorter than that draws once, at the end.
+# A drawing takes about 0.3 s of CPU (bench/curves.py): every 15 s keeps it near 2% of a long job's time, and a
+# job shorter than that draws once, at the end.
 REDRAW_EVERY_S = 15.0
 
 # Per method, one panel per quantity, each with its training and validation series (TRL's names; validation
@@ -66,7 +66,7 @@ def draw(job_dir: Path, method: str, title: str = "") -> Path | None:
     if not panels:
         return None
     figure = Figure(figsize=(4.2 * len(panels), 3.4), dpi=100)
-    # fixed margins: a layout engine (constrained, tight) measures every label several times, 3-5x the drawing
+    # fixed margins: a layout engine (constrained, tight) measures every label several times, 2.5x the drawing
     figure.subplots_adjust(left=0.06, right=0.98, bottom=0.15, top=0.84, wspace=0.22)
     FigureCanvasAgg(figure)
     for ax, (name, key) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
