@@ -1,5 +1,7 @@
 """The seed README's flow, end to end: build the tiny model, start `llama stack run run.yaml`,
 register test_dpo_data.json, send the seed's DPO request, poll status with progress, print the artifacts.
+Then a job that visibly learns (the seed's learning rate leaves the tiny model's loss at 0.6931): its logged
+metrics step by step, and where its curves picture is.
 
 Run it through scripts/demo.sh, which installs everything first. `--serve` keeps the server running
 afterwards (until Ctrl-C), for the README's examples. Environment: DEMO_PORT (default 8321). Each run starts
@@ -21,10 +23,10 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama_stack_provider_trl import history  # noqa: E402  (reads the job's metrics.jsonl; no torch)
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from llama_stack_provider_trl import history  # noqa: E402  (reads a job's metrics.jsonl; no torch)
+
 PORT = int(os.environ.get("DEMO_PORT", "8321"))
 URL = f"http://localhost:{PORT}"
 STATE = REPO / "out" / "demo"
