@@ -1,5 +1,7 @@
 """The curves picture drawn from a job's metrics history, its redraw throttle, and its failures."""
 
+from pathlib import Path
+
 import pytest
 from pictures import assert_shows_curves
 from PIL import Image
@@ -85,3 +87,9 @@ def test_report_to_a_tracker_that_is_not_installed_is_refused_naming_the_key(mon
         TrlPostTrainingConfig(report_to=["tensorboard", "trackio"])
     with pytest.raises(ValidationError, match="report_to"):
         TrlPostTrainingConfig(report_to="wandb")
+
+
+def test_the_readme_shows_the_demo_jobs_picture():
+    repo = Path(__file__).resolve().parents[2]
+    assert "](docs/curves.png)" in (repo / "README.md").read_text()
+    assert_shows_curves(repo / "docs" / "curves.png")
