@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
 from llama_stack.core.storage.datatypes import KVStoreReference
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Limits(BaseModel):
@@ -106,6 +107,12 @@ class TrlPostTrainingConfig(BaseModel):
         description="A training job whose worker reports no step for this long (a hung collective, a stuck rank) "
         "is killed and failed.",
     )
+    report_to: list[Literal["tensorboard", "trackio"]] = Field(
+        default_factory=list,
+        description="Trackers that also receive every job's logged metrics: tensorboard (event files in "
+        "<output_dir>/<job_uuid>/tensorboard) and/or trackio (a local database in <output_dir>/.trackio). A name, a "
+        "list, or none; each must be installed, else the server does not start.",
+    )
     limits: Limits = Field(default_factory=Limits)
 
     default_model: str | None = Field(default=None, description="Model for supervised-fine-tune requests that name none.")
@@ -116,6 +123,23 @@ class TrlPostTrainingConfig(BaseModel):
         default=0.0, ge=0, lt=1,
         description="SFT: rows held out for validation when a request gives no validation_dataset_id.",
     )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """`none`, one name, a comma-separated string (from an env variable) or a list; a tracker that is not
+        installed is refused here, at start-up, rather than dropped when the first job starts."""
+        if value is None:
+            return []
+        names = [n.strip() for n in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(names, list):
+            return value  # pydantic says what is wrong with it
+        names = [n for n in names if n not in ("none", "")]
+        for name in names:
+            if name in ("tensorboard", "trackio") and importlib.util.find_spec(name) is None:
+                raise ValueError(f"report_to: '{name}' is not installed in the server's Python environment "
+                                 f"(pip install {name}), or leave it out of report_to")
+        return names
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir).expanduser().resolve()

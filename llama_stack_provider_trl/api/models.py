@@ -332,6 +332,7 @@ class TrainingProgress(BaseModel):
     elapsed_seconds: float | None = None
     eta_seconds: float | None = None
     phase: str | None = Field(default=None, description="loading, training, saving.")
+    curves: str | None = Field(default=None, description="Extension: path of the job's curves.png, redrawn while it trains.")
 
 
 class PostTrainingJobStatusResponse(BaseModel):

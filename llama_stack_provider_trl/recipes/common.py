@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from ..api.models import Checkpoint, PostTrainingMetric
-from .. import history
+from .. import curves, history
 from ..hardware import training_device
 from ..jobs import now
 from .context import JobContext
@@ -172,7 +172,7 @@ def trainer_arguments(ctx: JobContext, device: str, precision: str) -> dict[str,
         save_strategy="steps",
         save_steps=plan.save_steps,
         save_total_limit=1,
-        report_to="none",
+        **tracker_arguments(ctx),
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda",
@@ -189,6 +189,27 @@ def trainer_arguments(ctx: JobContext, device: str, precision: str) -> dict[str,
     elif plan.strategy == "deepspeed_zero3":
         args["deepspeed"] = deepspeed_zero3_config(plan)
     return args
+
+
+TRACKIO_PROJECT = "llama-stack-trl"
+TRACKIO_DIR = ".trackio"
+
+
+def tracker_arguments(ctx: JobContext) -> dict[str, Any]:
+    """The provider's report_to trackers, writing under output_dir like everything else a job writes. Both
+    take their directory only from the environment (read when the Trainer is made, in this job's own process):
+    TensorBoard event files go to <job_dir>/tensorboard (not under output_dir/checkpoints, the Trainer's
+    default, which is removed when the job completes), trackio's database to <output_dir>/.trackio, one project
+    with a run per job (a dot directory: no job id starts with a dot, and start-up leaves such directories alone
+    rather than taking them for orphaned jobs)."""
+    trackers = list(ctx.config.report_to)
+    if not trackers:
+        return {"report_to": "none"}
+    if "tensorboard" in trackers:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.job_dir / "tensorboard")
+    if "trackio" in trackers:
+        os.environ["TRACKIO_DIR"] = str(ctx.config.resolved_output_dir() / TRACKIO_DIR)
+    return {"report_to": trackers, "run_name": ctx.job_uuid, "project": TRACKIO_PROJECT}
 
 
 def deepspeed_zero3_config(plan) -> dict[str, Any]:
@@ -278,6 +299,9 @@ class JobCallback(TrainerCallback):
         self.started = time.monotonic()
         self.start_step = 0
         self.metrics: dict[str, float] = {}
+        # rank 0 keeps the history and draws it; the other ranks' logs are the same numbers
+        self.curves = curves.Redrawer(ctx.job_dir, ctx.method, f"{ctx.method.upper()} {ctx.job_uuid}",
+                                      lambda **fields: ctx.report(persist=True, **fields)) if ctx.is_main else None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.monotonic()
@@ -289,6 +313,7 @@ class JobCallback(TrainerCallback):
         if self.ctx.is_main:
             history.append(self.ctx.job_dir, state.global_step, logs, total_steps=state.max_steps,
                            epoch=round(request_epoch(state, self.ctx), 4))
+            self.curves.maybe()
         self.metrics.update({k: float(v) for k, v in logs.items() if k in REPORTED_METRICS and _finite(v)})
         if "eval_loss" in logs and _finite(logs["eval_loss"]) and self.ctx.method == "sft":
             self.metrics["perplexity"] = perplexity(float(logs["eval_loss"]))
@@ -297,11 +322,17 @@ class JobCallback(TrainerCallback):
         if "loss" in logs:
             loss = float(logs["loss"])
             if not math.isfinite(loss):
+                if self.curves:
+                    self.curves.now()  # the picture of the run up to where it diverged
                 raise FloatingPointError(f"loss became {loss} at step {state.global_step}; lower the learning rate")
             fields["loss"] = loss
         if "num_tokens" in logs and elapsed > 0:
             fields["tokens_per_second"] = round(float(logs["num_tokens"]) / elapsed, 1)
         self.ctx.report(persist=True, **fields)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.curves:
+            self.curves.now()  # the final picture, however the job's last redraw was timed
 
     def on_step_end(self, args, state, control, **kwargs):
         elapsed = time.monotonic() - self.started

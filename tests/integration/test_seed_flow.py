@@ -1,8 +1,11 @@
 """The seed README's flow, over HTTP, against a real server: register, train, poll, load."""
 
+from pathlib import Path
+
 import httpx
 import pytest
 import torch
+from pictures import assert_shows_curves
 from stack_server import dpo_request
 from transformers import AutoModelForCausalLM
 
@@ -37,7 +40,7 @@ def test_seed_payload_trains_to_a_loadable_checkpoint(server, tiny_model, seed_r
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     diffs = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values())]
     assert any(diffs), "trained weights equal the base model's"
-    files = {p.name for p in __import__("pathlib").Path(checkpoint["path"]).iterdir()}
+    files = {p.name for p in Path(checkpoint["path"]).iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= files
 
     from llama_stack_provider_trl import history
@@ -45,3 +48,7 @@ def test_seed_payload_trains_to_a_loadable_checkpoint(server, tiny_model, seed_r
     steps = history.read(server.output_dir / "seed-001")
     assert steps and steps[-1]["step"] == 4 and steps[-1]["total_steps"] == 4
     assert all("loss" in row and "rewards/margins" in row for row in steps), steps
+
+    # its curves, drawn by the worker beside its artifacts, and where status says
+    assert progress["curves"] == str(server.output_dir / "seed-001" / "curves.png")
+    assert_shows_curves(Path(progress["curves"]))

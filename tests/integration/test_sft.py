@@ -4,10 +4,13 @@ full and LoRA, packed, validation each epoch, merged adapters, and the 400s."""
 import json
 import math
 
+from pathlib import Path
+
 import httpx
 import pytest
 import torch
 from peft import PeftModel
+from pictures import assert_shows_curves
 from safetensors.torch import load_file
 from stack_server import StackServer
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,6 +83,7 @@ def test_instruct_full_fine_tune_validates_each_epoch(server, tiny_model, seed_r
     trained = AutoModelForCausalLM.from_pretrained(checkpoint["path"])
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), base.state_dict().values()))
+    assert_shows_curves(Path(status["progress"]["curves"]), validation=True)  # loss and token accuracy, both sets
 
 
 def test_dialog_lora_adapter_loads_with_peft_and_generates(server, tiny_model, seed_rows):

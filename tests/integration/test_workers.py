@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from pictures import assert_shows_curves
 from stack_server import StackServer, dpo_request
 
 pytestmark = pytest.mark.integration
@@ -64,6 +65,9 @@ def test_a_two_process_job_matches_one_process_with_the_same_global_batch(ddp, s
 
     AutoModelForCausalLM.from_pretrained(two["checkpoints"][0]["path"])
     assert not torch_loaded(ddp.process.pid) and not torch_loaded(server.process.pid)
+    # rank 0 alone draws the job's curves, in the worker: the server never loads matplotlib either
+    assert_shows_curves(Path(two["progress"]["curves"]))
+    assert "/matplotlib/" not in Path(f"/proc/{server.process.pid}/maps").read_text()
 
 
 def test_a_killed_rank_fails_its_job_and_the_next_job_runs(ddp, tiny_model, seed_file):

@@ -18,14 +18,14 @@ from llama_stack_provider_trl.recipes.context import JobContext
 REPO = Path(__file__).resolve().parents[2]
 
 
-def one_step_trainer(tmp_path: Path, model_dir: Path, algorithm: dict):
+def one_step_trainer(tmp_path: Path, model_dir: Path, algorithm: dict, **config_fields):
     rows = json.loads((REPO / "test_dpo_data.json").read_text())["data"][:4]
     request = PreferenceOptimizeRequest.model_validate({
         "job_uuid": "loss", "finetuned_model": str(model_dir), "algorithm_config": algorithm,
         "training_config": {"n_epochs": 1, "max_steps_per_epoch": 1, "optimizer_config": {"lr": 1e-3},
                             "data_config": {"dataset_id": "x", "batch_size": 4}},
     })
-    config = TrlPostTrainingConfig(device="cpu", output_dir=str(tmp_path), use_reference_model=False)
+    config = TrlPostTrainingConfig(device="cpu", output_dir=str(tmp_path), use_reference_model=False, **config_fields)
     ctx = JobContext(job_uuid="loss", job_dir=tmp_path / "loss", request=request.model_dump(mode="json"),
                      config=config, plan=make_plan(request.training_config, len(rows), config),
                      report=lambda persist=False, **fields: None)
