@@ -114,7 +114,9 @@ def error_response(status_code: int, message: str) -> JSONResponse:
 
 
 JobUuidQuery = Annotated[str, Query(description="The job's UUID.", min_length=1, max_length=128)]
-JobUuidPath = Annotated[str, Path(description="The job's UUID.", pattern=JOB_UUID_PATTERN)]
+# a job_uuid, or the key another user's job with the same id is shown by to an admin (access.py)
+JOB_KEY_PATTERN = JOB_UUID_PATTERN.removesuffix("$") + r"(@[0-9a-f]{16})?$"
+JobUuidPath = Annotated[str, Path(description="The job's UUID.", pattern=JOB_KEY_PATTERN)]
 
 
 def create_router(impl: PostTraining | None) -> APIRouter:
