@@ -8,17 +8,18 @@ function Llama Stack's routing tables use for models, datasets and the rest, aga
 owner-only, and rules in run.yaml can give more (an `admin` role every job) or take away (a `forbid`).
 Without authentication there is no user, `is_action_allowed` allows everything, and nothing changes.
 
-Job ids are the client's choice, so two users may pick the same one. A job's internal key (its record
-key and its directory under output_dir) is the id itself for the first job to take it, and
-`<id>@<owner tag>` for a later job of another owner: nobody learns from a 409 that someone else used an
-id, and single-user layouts stay output_dir/<job_uuid>. A job is shown to its owner by the id they
-chose, to anyone else allowed to see it (an admin) by its key, which is unique.
+Job ids are the client's choice, so two users may pick the same one. An authenticated user's job is
+kept under the key `<id>@<owner tag>` (its record key and its directory under output_dir), so ids are
+unique per owner: a 409 only ever names the caller's own job, and neither it nor the paths a job shows
+reveal whether someone else used the id. Without authentication the key is the id itself, as it always
+was (output_dir/<job_uuid>). A job is shown to its owner by the id they chose, to anyone else allowed to
+see it (an admin) by its key, which is unique.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,20 +61,17 @@ def principal_of(owner: Owner | None) -> str | None:
     return owner.principal if owner is not None else None
 
 
-def choose_key(job_uuid: str, principal: str | None, owners: Mapping[str, str | None]) -> str:
-    """The internal key for a new job, given every key in use and its owner's principal.
+def own_key(job_uuid: str, principal: str | None) -> str:
+    """Where an owner's job with this id is kept; without authentication, under the id itself."""
+    return job_uuid if principal is None else f"{job_uuid}{SCOPE}{owner_tag(principal)}"
 
-    A 409 only when the caller already has a job with that id; another owner's job with the same id
-    leaves the caller a scoped key. Without authentication (principal None) every job is the caller's."""
-    mine = {key for key, owner in owners.items()
-            if public_id(key) == job_uuid and (principal is None or owner == principal)}
-    if mine:
+
+def choose_key(job_uuid: str, principal: str | None, taken: Collection[str]) -> str:
+    """The key for a new job, given every key in use: a 409 if the caller already has a job with this id.
+    Without authentication every job is the caller's, those created with it on included."""
+    key = own_key(job_uuid, principal)
+    if key in taken or (principal is None and any(public_id(k) == job_uuid for k in taken)):
         raise ConflictError(f"job_uuid '{job_uuid}' already exists; choose another one")
-    if job_uuid not in owners:
-        return job_uuid
-    key = f"{job_uuid}{SCOPE}{owner_tag(principal)}"
-    if key in owners:  # two principals with the same 64-bit tag: astronomically unlikely
-        raise ConflictError(f"job_uuid '{job_uuid}' cannot be used; choose another one")
     return key
 
 
@@ -116,11 +114,11 @@ class JobAccess:
 
     @staticmethod
     def candidate_keys(job_uuid: str, user: Owner | None) -> list[str]:
-        """Where the job the caller means by this id can be: their own scoped key first (choose_key), then
-        the id itself, which is their own job, or another's that the policy may let them see."""
+        """Where the job the caller means by this id can be: their own first, then the id taken as a key
+        (another owner's job as an admin is shown it, or one created while authentication was off)."""
         if user is None:
             return [job_uuid]
-        return [f"{job_uuid}{SCOPE}{owner_tag(user.principal)}", job_uuid]
+        return [own_key(job_uuid, user.principal), job_uuid]
 
     @staticmethod
     def owns(owner: Owner | None, user: Owner | None) -> bool:

@@ -61,7 +61,7 @@ class TooManyJobs(RuntimeError):
 
 
 class JobRecord(BaseModel):
-    job_uuid: str = Field(description="The job's key: the client's id, scoped by owner if another owner has it (access.py).")
+    job_uuid: str = Field(description="The job's key: the client's id, with authentication scoped by its owner (access.py).")
     method: Literal["dpo", "sft"]
     request: dict[str, Any] = Field(description="The validated request, as JSON.")
     status: JobStatus = JobStatus.scheduled
@@ -199,8 +199,7 @@ class JobTable:
         returns the key (access.choose_key). With max_active, refuse (429) when that many jobs are already
         waiting or running; with max_per_owner, when that many of this owner's are."""
         with self._lock:
-            owners = {key: principal_of(r.owner) for key, r in self._jobs.items()} | self._reserved
-            key = choose_key(job_uuid, owner, owners)
+            key = choose_key(job_uuid, owner, self._jobs.keys() | self._reserved.keys())
             active = [principal_of(r.owner) for r in self._jobs.values() if not r.is_final] + list(self._reserved.values())
             if max_active is not None and len(active) >= max_active:
                 raise TooManyJobs(f"{len(active)} jobs are already waiting or running, the provider's "

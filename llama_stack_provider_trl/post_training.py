@@ -186,8 +186,8 @@ class TrlPostTrainingImpl:
         check_memory_limits(tc, self.config, SEQUENCES_PER_ROW[method])
         owner = self.access.caller()
         self.access.check("create", job_uuid, owner, owner)
-        # 409 for a duplicate of the caller's own, 429 for a full queue, before any work; `key` is job_uuid
-        # unless another owner has a job by that id (access.choose_key)
+        # 409 for a duplicate of the caller's own, 429 for a full queue, before any work; with authentication
+        # `key` is the id scoped by its owner (access.choose_key)
         limits = self.config.limits
         key = self.table.reserve(job_uuid, max_active=limits.max_queued_jobs,
                                  owner=owner.principal if owner else None, max_per_owner=limits.max_active_jobs_per_user)

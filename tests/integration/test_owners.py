@@ -21,11 +21,19 @@ USERS = {
     "alice-token": {"principal": "alice", "attributes": {"roles": ["user"], "teams": ["ml"]}},
     "bob-token": {"principal": "bob", "attributes": {"roles": ["user"], "teams": ["ml"]}},
     "root-token": {"principal": "root", "attributes": {"roles": ["admin"]}},
+    "carol-token": {"principal": "carol", "attributes": {"roles": ["auditor"]}},
 }
 ADMIN_RULE = {"permit": {"actions": ["read", "update", "delete"], "resource": "post_training_job::*"},
               "when": "user with admin in roles", "description": "admins see and manage every training job"}
+POLICY = [
+    ADMIN_RULE,
+    {"forbid": {"actions": ["create"], "resource": "post_training_job::*"}, "when": "user with auditor in roles"},
+    {"permit": {"actions": ["read"], "resource": "post_training_job::*"}, "when": "user with auditor in roles"},
+]
 LONG = {"batch_size": 1, "max_steps_per_epoch": 16, "n_epochs": 50}
-BOBS_KEY = f"job-1@{owner_tag('bob')}"  # bob's job-1, as anyone but bob sees it (alice took job-1 first)
+# the keys of alice's and bob's jobs, by which anyone but their owner sees them
+ALICE_2, ALICE_1, BOBS_1 = (f"{job}@{owner_tag(who)}" for job, who in (("alice-2", "alice"), ("job-1", "alice"),
+                                                                        ("job-1", "bob")))
 
 
 class AuthEndpoint(BaseHTTPRequestHandler):
@@ -99,7 +107,7 @@ def assert_unknown(client, job_uuid):
 
 
 def test_jobs_are_seen_and_stopped_only_by_their_owner_or_an_admin(workspace, tiny_model, seed_file, auth_endpoint):
-    auth = {"provider_config": {"type": "custom", "endpoint": auth_endpoint}, "access_policy": [ADMIN_RULE]}
+    auth = {"provider_config": {"type": "custom", "endpoint": auth_endpoint}, "access_policy": POLICY}
     server = StackServer(workspace / "owners", extra_roots=[workspace], token="root-token",
                          provider={"limits": {"max_active_jobs_per_user": 1}},
                          run_overrides={"server": {"port": 8321, "auth": auth}})
@@ -109,9 +117,9 @@ def test_jobs_are_seen_and_stopped_only_by_their_owner_or_an_admin(workspace, ti
         assert httpx.get(f"{server.url}/v1/post-training/jobs").status_code == 401
 
         assert submit(alice, "job-1", tiny_model, seed_file).status_code == 200
-        assert server.wait("job-1")["status"] == "completed"  # as root, who sees every job
+        assert server.wait(ALICE_1)["status"] == "completed"  # as root, who sees every job by its key
         assert submit(alice, "alice-2", tiny_model, seed_file, **LONG).status_code == 200
-        server.wait("alice-2", statuses=("in_progress",))
+        server.wait(ALICE_2, statuses=("in_progress",))
         # bob may use an id alice has: no 409 tells him it exists; his job is his own
         r = submit(bob, "job-1", tiny_model, seed_file)
         assert r.status_code == 200 and r.json()["job_uuid"] == "job-1", r.text
@@ -122,17 +130,18 @@ def test_jobs_are_seen_and_stopped_only_by_their_owner_or_an_admin(workspace, ti
 
         assert listed(alice) == ["alice-2", "job-1"]
         assert listed(bob) == ["job-1"]
-        assert listed(root) == sorted(["alice-2", "job-1", BOBS_KEY])
+        assert listed(root) == sorted([ALICE_2, ALICE_1, BOBS_1])
         mine, his = status(alice, "job-1"), status(bob, "job-1")
         assert mine["status"] == "completed" and mine["checkpoints"] and mine["job_uuid"] == "job-1"
         assert his["status"] == "scheduled" and his["checkpoints"] == [] and his["job_uuid"] == "job-1"
-        assert status(root, BOBS_KEY) == {**his, "job_uuid": BOBS_KEY}
+        assert status(root, BOBS_1) == {**his, "job_uuid": BOBS_1}
         r = alice.get("/v1alpha/post-training/jobs/job-1/artifacts")
         assert r.status_code == 200 and r.json()["checkpoints"] == mine["checkpoints"]
 
         # another user's job is an unknown job on every route; cancel and delete by bob leave it alone
         assert_unknown(bob, "alice-2")
-        assert_unknown(alice, BOBS_KEY)
+        assert_unknown(bob, ALICE_2)  # nor by its key
+        assert_unknown(alice, BOBS_1)
         assert status(alice, "alice-2")["status"] == "in_progress"
         assert status(bob, "job-1")["status"] == "scheduled"
         # headers claiming a principal, without a token or beside bob's, change nothing
@@ -143,11 +152,20 @@ def test_jobs_are_seen_and_stopped_only_by_their_owner_or_an_admin(workspace, ti
         assert listed(bob) == ["job-1"]
         assert_unknown(bob, "alice-2")
 
+        # an auditor may read every job but neither start nor cancel one: a 403, since it may see them
+        carol = as_user(server, "carol-token")
+        assert listed(carol) == sorted([ALICE_2, ALICE_1, BOBS_1])
+        assert status(carol, ALICE_2)["status"] == "in_progress"
+        r = carol.post("/v1/post-training/job/cancel", json={"job_uuid": ALICE_2})
+        assert r.status_code == 403 and "cannot perform action 'update'" in r.text, r.text
+        r = submit(carol, "carol-1", tiny_model, seed_file)
+        assert r.status_code == 403 and "cannot perform action 'create'" in r.text, r.text
+
         # the admin rule: root cancels bob's waiting job; alice cancels her own running one
-        assert root.post("/v1/post-training/job/cancel", json={"job_uuid": BOBS_KEY}).status_code == 200
+        assert root.post("/v1/post-training/job/cancel", json={"job_uuid": BOBS_1}).status_code == 200
         assert status(bob, "job-1")["status"] == "cancelled"
         assert alice.post("/v1alpha/post-training/jobs/alice-2/cancel").status_code == 200
-        assert server.wait("alice-2")["status"] == "cancelled"
+        assert server.wait(ALICE_2)["status"] == "cancelled"
         assert status(alice, "job-1")["status"] == "completed"  # bob's cancel-by-id never reached it
     finally:
         server.stop()
@@ -160,11 +178,11 @@ def test_jobs_are_seen_and_stopped_only_by_their_owner_or_an_admin(workspace, ti
         alice, bob, root = (as_user(server, t) for t in ("alice-token", "bob-token", "root-token"))
         assert listed(alice) == ["alice-2", "job-1"]
         assert listed(bob) == ["job-1"]
-        assert listed(root) == sorted(["alice-2", "job-1", BOBS_KEY])
+        assert listed(root) == sorted([ALICE_2, ALICE_1, BOBS_1])
         assert status(bob, "job-1")["status"] == "cancelled" and status(alice, "job-1")["status"] == "completed"
         assert_unknown(bob, "alice-2")
         r = alice.delete("/v1alpha/post-training/jobs/alice-2")
         assert r.status_code == 200, r.text
-        assert listed(root) == sorted(["job-1", BOBS_KEY])
+        assert listed(root) == sorted([ALICE_1, BOBS_1])
     finally:
         server.stop()

@@ -51,16 +51,15 @@ def test_the_caller_is_only_what_the_auth_middleware_set():
         assert JobAccess.caller() == Owner(principal="bob", attributes={"roles": ["user"]})
 
 
-def test_ids_are_scoped_only_when_another_owner_has_them():
-    assert choose_key("j1", "alice", {}) == "j1"
-    bobs = choose_key("j1", "bob", {"j1": "alice"})
-    assert bobs == f"j1@{owner_tag('bob')}" and public_id(bobs) == "j1"
+def test_ids_are_scoped_by_owner_with_authentication_and_kept_as_they_are_without():
+    alices, bobs = f"j1@{owner_tag('alice')}", f"j1@{owner_tag('bob')}"
+    assert choose_key("j1", None, set()) == "j1"
+    assert choose_key("j1", "alice", set()) == alices and public_id(alices) == "j1"
+    assert choose_key("j1", "bob", {alices, "j1"}) == bobs  # another owner's job, or one from before auth
     with pytest.raises(ConflictError, match="already exists"):
-        choose_key("j1", "alice", {"j1": "alice"})
-    with pytest.raises(ConflictError, match="already exists"):
-        choose_key("j1", "bob", {"j1": "alice", bobs: "bob"})
+        choose_key("j1", "alice", {alices})
     with pytest.raises(ConflictError, match="already exists"):  # without authentication every job is yours
-        choose_key("j1", None, {"j1": "alice"})
+        choose_key("j1", None, {alices})
 
 
 def test_the_per_user_limit_counts_only_that_users_waiting_jobs():
@@ -73,7 +72,7 @@ def test_the_per_user_limit_counts_only_that_users_waiting_jobs():
         with pytest.raises(TooManyJobs, match=r"limits.max_active_jobs_per_user \(2\)"):
             table.reserve("a3", owner="alice", max_per_owner=2)
         assert table.reserve("a1", owner="bob", max_per_owner=2) == f"a1@{owner_tag('bob')}"
-        table.release("a2")
-        assert table.reserve("a3", owner="alice", max_per_owner=2) == "a3"
+        table.release(f"a2@{owner_tag('alice')}")
+        assert table.reserve("a3", owner="alice", max_per_owner=2) == f"a3@{owner_tag('alice')}"
     finally:
         table.close()
