@@ -61,7 +61,7 @@ class TooManyJobs(RuntimeError):
 
 
 class JobRecord(BaseModel):
-    job_uuid: str = Field(description="The job's key: the client's id, with authentication scoped by its owner (access.py).")
+    job_uuid: str = Field(description="The job's key: the client's id; with authentication, scoped by its owner (access.py).")
     method: Literal["dpo", "sft"]
     request: dict[str, Any] = Field(description="The validated request, as JSON.")
     status: JobStatus = JobStatus.scheduled
@@ -200,7 +200,9 @@ class JobTable:
         waiting or running; with max_per_owner, when that many of this owner's are."""
         with self._lock:
             key = choose_key(job_uuid, owner, self._jobs.keys() | self._reserved.keys())
-            active = [principal_of(r.owner) for r in self._jobs.values() if not r.is_final] + list(self._reserved.values())
+            # the owners of the jobs waiting or running, and of those being validated
+            active = [principal_of(r.owner) for r in self._jobs.values() if not r.is_final]
+            active += self._reserved.values()
             if max_active is not None and len(active) >= max_active:
                 raise TooManyJobs(f"{len(active)} jobs are already waiting or running, the provider's "
                                   f"limits.max_queued_jobs ({max_active}); try again when some have finished")

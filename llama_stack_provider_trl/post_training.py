@@ -189,8 +189,8 @@ class TrlPostTrainingImpl:
         # 409 for a duplicate of the caller's own, 429 for a full queue, before any work; with authentication
         # `key` is the id scoped by its owner (access.choose_key)
         limits = self.config.limits
-        key = self.table.reserve(job_uuid, max_active=limits.max_queued_jobs,
-                                 owner=owner.principal if owner else None, max_per_owner=limits.max_active_jobs_per_user)
+        key = self.table.reserve(job_uuid, max_active=limits.max_queued_jobs, owner=owner.principal if owner else None,
+                                 max_per_owner=limits.max_active_jobs_per_user)
         job_dir = self.output_dir / key
         created = False
         try:

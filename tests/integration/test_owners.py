@@ -93,8 +93,8 @@ def every_route(client, job_uuid):
         for name in ("cancel", "delete"):
             answers.append((f"{base}/job/{name}", client.post(f"{base}/job/{name}", json={"job_uuid": job_uuid})))
     path = f"/v1alpha/post-training/jobs/{job_uuid}"
-    answers += [(f"{path}/status", client.get(f"{path}/status")), (f"{path}/artifacts", client.get(f"{path}/artifacts")),
-                (f"{path}/cancel", client.post(f"{path}/cancel")), (path, client.delete(path))]
+    answers += [(f"{path}/{name}", client.get(f"{path}/{name}")) for name in ("status", "artifacts")]
+    answers += [(f"{path}/cancel", client.post(f"{path}/cancel")), (path, client.delete(path))]
     return answers
 
 
