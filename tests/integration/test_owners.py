@@ -153,22 +153,23 @@ def test_jobs_are_seen_and_stopped_only_by_their_owner_or_an_admin(workspace, ti
         assert listed(bob) == ["job-1"]
         assert status(bob, "job-1") == his
         assert bob.get("/v1/post-training/job/status", params={"job_uuid": "alice-2"}).status_code == 404
-
-        # an auditor may read every job but neither start nor cancel one: a 403, since it may see them
-        carol = as_user(server, "carol-token")
-        assert listed(carol) == sorted([ALICE_2, ALICE_1, BOBS_1])
-        assert status(carol, ALICE_2)["status"] == "in_progress"
-        r = carol.post("/v1/post-training/job/cancel", json={"job_uuid": ALICE_2})
-        assert r.status_code == 403 and "cannot perform action 'update'" in r.text, r.text
-        r = submit(carol, "carol-1", tiny_model, seed_file)
-        assert r.status_code == 403 and "cannot perform action 'create'" in r.text, r.text
-
-        # the admin rule: root cancels bob's waiting job; alice cancels her own running one
+        # the admin rule: root cancels bob's waiting job; then alice her own running one (early: it trains on
+        # the CPU the checks need; bob's would start after it)
         assert root.post("/v1/post-training/job/cancel", json={"job_uuid": BOBS_1}).status_code == 200
         assert status(bob, "job-1")["status"] == "cancelled"
         assert alice.post("/v1alpha/post-training/jobs/alice-2/cancel").status_code == 200
         assert server.wait(ALICE_2)["status"] == "cancelled"
         assert status(alice, "job-1")["status"] == "completed"  # bob's cancel-by-id never reached it
+
+        # an auditor may read every job but neither start nor cancel one: a 403, since it may see them
+        carol = as_user(server, "carol-token")
+        assert listed(carol) == sorted([ALICE_2, ALICE_1, BOBS_1])
+        assert status(carol, ALICE_1)["checkpoints"] == mine["checkpoints"]
+        r = carol.post("/v1/post-training/job/cancel", json={"job_uuid": ALICE_1})
+        assert r.status_code == 403 and "cannot perform action 'update'" in r.text, r.text
+        r = submit(carol, "carol-1", tiny_model, seed_file)
+        assert r.status_code == 403 and "cannot perform action 'create'" in r.text, r.text
+        assert listed(carol) == sorted([ALICE_2, ALICE_1, BOBS_1])
     finally:
         server.stop()
 
