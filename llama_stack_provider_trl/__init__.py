@@ -5,7 +5,8 @@ from typing import Any
 from .config import TrlPostTrainingConfig
 
 
-async def get_provider_impl(config: TrlPostTrainingConfig, deps: dict[Any, Any]):
+async def get_provider_impl(config: TrlPostTrainingConfig, deps: dict[Any, Any], policy: list[Any] | None = None):
+    """`policy` is run.yaml's server.auth.access_policy: Llama Stack passes it to providers that ask for it."""
     from llama_stack_api import Api
 
     from .hardware import training_device
@@ -16,6 +17,6 @@ async def get_provider_impl(config: TrlPostTrainingConfig, deps: dict[Any, Any])
     training_device(config.device)
 
     impl = TrlPostTrainingImpl(config, datasetio=deps.get(Api.datasetio), datasets=deps.get(Api.datasets),
-                               files=deps.get(Api.files))
+                               files=deps.get(Api.files), policy=policy)
     await impl.initialize()
     return impl

@@ -26,6 +26,12 @@ class Limits(BaseModel):
         "one device step may hold, which is what bounds a job's activation memory.",
     )
     max_queued_jobs: int = Field(default=100, ge=1, description="Most jobs waiting or running at once (429 beyond).")
+    max_active_jobs_per_user: int | None = Field(
+        default=None, ge=1,
+        description="Most jobs one authenticated principal may have waiting or running at once (429 beyond), so one "
+        "user cannot fill the queue for everyone. Absent: no per-user limit. Without authentication every job is "
+        "the anonymous user's, so this acts as a second max_queued_jobs.",
+    )
 
 
 class TrlPostTrainingConfig(BaseModel):

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from llama_stack_api.common.errors import ConflictError, ResourceNotFoundError
 from pydantic import BaseModel, Field
 
+from .access import Owner, choose_key, principal_of
 from .api.models import (
     Checkpoint,
     JobStatus,
@@ -60,7 +61,7 @@ class TooManyJobs(RuntimeError):
 
 
 class JobRecord(BaseModel):
-    job_uuid: str
+    job_uuid: str = Field(description="The job's key: the client's id; with authentication, scoped by its owner (access.py).")
     method: Literal["dpo", "sft"]
     request: dict[str, Any] = Field(description="The validated request, as JSON.")
     status: JobStatus = JobStatus.scheduled
@@ -84,6 +85,7 @@ class JobRecord(BaseModel):
     openai: dict[str, Any] | None = Field(
         default=None, description="For jobs created through /v1/fine_tuning/jobs: the OpenAI request's fields "
         "(openai_ft.py), resolved.")
+    owner: Owner | None = Field(default=None, description="Who created the job, with authentication on.")
 
     @property
     def is_final(self) -> bool:
@@ -96,9 +98,9 @@ class JobRecord(BaseModel):
             event["data"] = data
         return [*self.events, event]
 
-    def status_response(self) -> PostTrainingJobStatusResponse:
+    def status_response(self, shown_id: str | None = None) -> PostTrainingJobStatusResponse:
         return PostTrainingJobStatusResponse(
-            job_uuid=self.job_uuid,
+            job_uuid=shown_id or self.job_uuid,
             status=self.status,
             scheduled_at=self.scheduled_at,
             started_at=self.started_at,
@@ -111,8 +113,8 @@ class JobRecord(BaseModel):
             attempts=self.attempts,
         )
 
-    def artifacts_response(self) -> PostTrainingJobArtifactsResponse:
-        return PostTrainingJobArtifactsResponse(job_uuid=self.job_uuid, checkpoints=self.checkpoints)
+    def artifacts_response(self, shown_id: str | None = None) -> PostTrainingJobArtifactsResponse:
+        return PostTrainingJobArtifactsResponse(job_uuid=shown_id or self.job_uuid, checkpoints=self.checkpoints)
 
 
 class JobTable:
@@ -121,7 +123,7 @@ class JobTable:
         self._retry_delays = retry_delays
         self._jobs: dict[str, JobRecord] = {}
         self._lock = threading.Lock()
-        self._reserved: set[str] = set()
+        self._reserved: dict[str, str | None] = {}  # key -> its owner's principal
         self._next_sequence = 1
         self._store_errors: dict[str, str] = {}  # job -> why its latest state is not stored
         self._loop = asyncio.new_event_loop()
@@ -203,24 +205,33 @@ class JobTable:
             ) from None
         with self._lock:
             self._jobs[record.job_uuid] = record
-            self._reserved.discard(record.job_uuid)
+            self._reserved.pop(record.job_uuid, None)
 
-    def reserve(self, job_uuid: str, max_active: int | None = None) -> None:
-        """Claim a job_uuid while its request is validated, so two requests can't both take it.
-        With max_active, refuse (429) when that many jobs are already waiting or running."""
+    def reserve(self, job_uuid: str, max_active: int | None = None, owner: str | None = None,
+                max_per_owner: int | None = None) -> str:
+        """Claim a key for a new job while its request is validated, so two requests can't both take it;
+        returns the key (access.choose_key). With max_active, refuse (429) when that many jobs are already
+        waiting or running; with max_per_owner, when that many of this owner's are."""
         with self._lock:
-            if job_uuid in self._jobs or job_uuid in self._reserved:
-                raise ConflictError(f"job_uuid '{job_uuid}' already exists; choose another one")
-            if max_active is not None:
-                active = sum(not r.is_final for r in self._jobs.values()) + len(self._reserved)
-                if active >= max_active:
-                    raise TooManyJobs(f"{active} jobs are already waiting or running, the provider's "
-                                      f"limits.max_queued_jobs ({max_active}); try again when some have finished")
-            self._reserved.add(job_uuid)
+            key = choose_key(job_uuid, owner, self._jobs.keys() | self._reserved.keys())
+            # the owners of the jobs waiting or running, and of those being validated
+            active = [principal_of(r.owner) for r in self._jobs.values() if not r.is_final]
+            active += self._reserved.values()
+            if max_active is not None and len(active) >= max_active:
+                raise TooManyJobs(f"{len(active)} jobs are already waiting or running, the provider's "
+                                  f"limits.max_queued_jobs ({max_active}); try again when some have finished")
+            if max_per_owner is not None:
+                mine = sum(principal == owner for principal in active)
+                if mine >= max_per_owner:
+                    raise TooManyJobs(f"{mine} of your jobs are already waiting or running, the provider's "
+                                      f"limits.max_active_jobs_per_user ({max_per_owner}); try again when some "
+                                      "have finished")
+            self._reserved[key] = owner
+            return key
 
-    def release(self, job_uuid: str) -> None:
+    def release(self, key: str) -> None:
         with self._lock:
-            self._reserved.discard(job_uuid)
+            self._reserved.pop(key, None)
 
     def update(self, job_uuid: str, persist: bool = True, **changes: Any) -> Future | None:
         """Change a record; persist=False is for progress ticks between logged steps."""

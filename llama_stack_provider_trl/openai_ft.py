@@ -144,25 +144,30 @@ class OpenAIFineTuning:
     def _history(self, record: JobRecord) -> list[dict[str, Any]]:
         return history.read(self.provider.output_dir / record.job_uuid)
 
+    def _shown(self, record: JobRecord) -> JobRecord:
+        """The record as the caller sees it: with authentication its job_uuid is an owner-scoped key (for the
+        table, the scheduler and the job's directory), shown to its owner as the id they know."""
+        return record.model_copy(update={"job_uuid": self.provider._shown_id(record)})
+
     async def retrieve(self, job_id: str) -> FineTuningJob:
         record = self.provider._job(job_id)
         record = await self._with_results(record)
-        return job_object(record, self._history(record))
+        return job_object(self._shown(record), self._history(record))
 
     async def list(self, after: str | None, limit: int, metadata: dict[str, str]) -> Page:
         records = [r for r in reversed(self.provider._jobs())  # newest first
                    if all(((r.openai or {}).get("metadata") or {}).get(k) == v for k, v in metadata.items())]
-        jobs = [job_object(r, self._history(r)) for r in [await self._with_results(r) for r in records]]
+        jobs = [job_object(self._shown(r), self._history(r)) for r in [await self._with_results(r) for r in records]]
         return page(jobs, after, limit, "Fine-tuning job")
 
     async def list_events(self, job_id: str, after: str | None, limit: int) -> Page:
         record = self.provider._job(job_id)
-        found = events(record, self._history(record), self.provider.output_dir / job_id)
+        found = events(self._shown(record), self._history(record), self.provider.output_dir / record.job_uuid)
         return page(found, after, limit, "Fine-tuning event")
 
     async def list_checkpoints(self, job_id: str, after: str | None, limit: int) -> Page:
         record = self.provider._job(job_id)
-        found = checkpoints(record, self.provider.output_dir / job_id, self._history(record))
+        found = checkpoints(self._shown(record), self.provider.output_dir / record.job_uuid, self._history(record))
         return page(found, after, limit, "Fine-tuning checkpoint")
 
     # ---- changes --------------------------------------------------------------------------
@@ -172,15 +177,15 @@ class OpenAIFineTuning:
         return await self.retrieve(job_id)
 
     async def pause(self, job_id: str) -> FineTuningJob:
-        self.provider._job(job_id)
-        outcome = self.provider.scheduler.pause(job_id)
+        key = self.provider._job(job_id, "update").job_uuid
+        outcome = self.provider.scheduler.pause(key)
         if outcome not in ("paused", "pausing"):
             raise ConflictError(f"fine-tuning job '{job_id}' is {outcome}; only queued or running jobs can be paused")
         return await self.retrieve(job_id)
 
     async def resume(self, job_id: str) -> FineTuningJob:
-        record = self.provider._job(job_id)
-        if not self.provider.scheduler.resume(job_id):
+        record = self.provider._job(job_id, "update")
+        if not self.provider.scheduler.resume(record.job_uuid):
             raise ConflictError(f"fine-tuning job '{job_id}' is not paused ({job_object(record, []).status}); "
                                 "only paused jobs can be resumed")
         return await self.retrieve(job_id)

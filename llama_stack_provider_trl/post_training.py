@@ -24,6 +24,7 @@ from .api.models import (
     SupervisedFineTuneRequest,
     TrainingConfig,
 )
+from .access import JobAccess
 from .config import TrlPostTrainingConfig
 from .data import (
     check_strings,
@@ -40,7 +41,7 @@ from .data import (
 )
 from .executors import LocalExecutor
 from .hardware import training_device
-from .jobs import FINAL_STATES, JobRecord, JobTable, now
+from .jobs import FINAL_STATES, JobNotFoundError, JobRecord, JobTable, now
 from .lora_targets import SafetensorsError, linear_modules, lora_target_modules
 from .openai_ft import OpenAIFineTuning
 from .plan import TrainingPlan, check_memory_limits, make_plan
@@ -59,8 +60,9 @@ RowsFor = Callable[[str, str], Awaitable[list[dict]]]  # (dataset_id, field) -> 
 
 class TrlPostTrainingImpl:
     def __init__(self, config: TrlPostTrainingConfig, datasetio: Any = None, datasets: Any = None,
-                 files: Any = None) -> None:
+                 files: Any = None, policy: list[Any] | None = None) -> None:
         self.config = config
+        self.access = JobAccess(policy)  # who may see and act on which job (access.py)
         self.datasetio = datasetio
         self.datasets = datasets
         self.files = files  # the Files API, when the stack has one: OpenAI training files and results files
@@ -195,12 +197,17 @@ class TrlPostTrainingImpl:
         job_uuid = request.job_uuid
         check_storable(request)
         check_memory_limits(tc, self.config, SEQUENCES_PER_ROW[method])
-        # 409 for a duplicate, 429 for a full queue, before any work
-        self.table.reserve(job_uuid, max_active=self.config.limits.max_queued_jobs)
-        job_dir = self.output_dir / job_uuid
+        owner = self.access.caller()
+        self.access.check("create", job_uuid, owner, owner)
+        # 409 for a duplicate of the caller's own, 429 for a full queue, before any work; with authentication
+        # `key` is the id scoped by its owner (access.choose_key)
+        limits = self.config.limits
+        key = self.table.reserve(job_uuid, max_active=limits.max_queued_jobs, owner=owner.principal if owner else None,
+                                 max_per_owner=limits.max_active_jobs_per_user)
+        job_dir = self.output_dir / key
         created = False
         try:
-            if job_dir.exists() or job_uuid in NOT_JOBS:
+            if job_dir.exists() or key in NOT_JOBS:
                 raise ConflictError(f"job_uuid '{job_uuid}': {job_dir} already exists from an earlier job; choose another id")
             if request.hyperparam_search_config:
                 warnings.append("hyperparam_search_config ignored: no hyperparameter search")
@@ -227,47 +234,70 @@ class TrlPostTrainingImpl:
 
             created = True
             await asyncio.to_thread(self._write_snapshot, job_dir, train, validation)
-            record = JobRecord(job_uuid=job_uuid, method=method, request=request.model_dump(mode="json"),
-                               warnings=warnings, n_rows=len(train), **(record_fields or {}))
+            record = JobRecord(job_uuid=key, method=method, request=request.model_dump(mode="json"),
+                               warnings=warnings, n_rows=len(train), owner=owner, **(record_fields or {}))
             await self.table.add(record)  # 503 if the store refuses it; the job then exists nowhere
         except BaseException:
-            self.table.release(job_uuid)
+            self.table.release(key)
             if created:
                 shutil.rmtree(job_dir, ignore_errors=True)
             raise
-        self.scheduler.submit(job_uuid)
+        self.scheduler.submit(key)
         return PostTrainingJob(job_uuid=job_uuid)
 
     # Every route reaches jobs through these two, so who may see which job is decided in one place.
-    def _job(self, job_uuid: str) -> JobRecord:
-        """The job with this id (a copy); JobNotFoundError (404) if there is none."""
-        return self.table.snapshot(job_uuid)
+    # A job the caller may not read answers exactly like an unknown one (the same 404), so ids reveal nothing.
+    def _job(self, job_uuid: str, action: str = "read") -> JobRecord:
+        """The job the caller knows by this id (a copy; its job_uuid is the internal key, for the table,
+        the scheduler and its directory). JobNotFoundError (404) if there is none the caller may read;
+        AccessDeniedError (403) if they may read it but the policy refuses `action` (update: cancel, pause,
+        resume; delete)."""
+        user = self.access.caller()
+        record = None
+        for key in self.access.candidate_keys(job_uuid, user):
+            try:
+                record = self.table.snapshot(key)
+                break
+            except JobNotFoundError:
+                continue
+        if record is None or not self.access.allowed("read", record.job_uuid, record.owner, user):
+            raise JobNotFoundError(job_uuid)
+        if action != "read":
+            self.access.check(action, record.job_uuid, record.owner, user)
+        return record
 
     def _jobs(self) -> list[JobRecord]:
-        """All jobs, in submission order (copies)."""
-        return self.table.all()
+        """The jobs the caller may read, in submission order (copies)."""
+        user = self.access.caller()
+        return [r for r in self.table.all() if self.access.allowed("read", r.job_uuid, r.owner, user)]
+
+    def _shown_id(self, record: JobRecord) -> str:
+        """The id a job is shown by to the caller: the one they chose for their own, else its unique key."""
+        return self.access.shown_id(record.job_uuid, record.owner, self.access.caller())
 
     async def get_training_jobs(self) -> ListPostTrainingJobsResponse:
-        return ListPostTrainingJobsResponse(data=[PostTrainingJob(job_uuid=r.job_uuid) for r in self._jobs()])
+        return ListPostTrainingJobsResponse(data=[PostTrainingJob(job_uuid=self._shown_id(r)) for r in self._jobs()])
 
     async def get_training_job_status(self, job_uuid: str) -> PostTrainingJobStatusResponse:
-        return self._job(job_uuid).status_response()
+        record = self._job(job_uuid)
+        return record.status_response(self._shown_id(record))
 
     async def get_training_job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
-        return self._job(job_uuid).artifacts_response()
+        record = self._job(job_uuid)
+        return record.artifacts_response(self._shown_id(record))
 
     async def cancel_training_job(self, job_uuid: str) -> None:
-        self._job(job_uuid)
-        status = self.scheduler.cancel(job_uuid)
+        key = self._job(job_uuid, "update").job_uuid
+        status = self.scheduler.cancel(key)
         if status in FINAL_STATES and status != JobStatus.cancelled:
             raise ConflictError(f"job '{job_uuid}' already {status.value}; only scheduled or running jobs can be "
                                 "cancelled (the cancel came too late)")
 
     async def delete_training_job(self, job_uuid: str) -> None:
         """A finished job's record, then its files (a directory left by a failure here is set aside at start-up)."""
-        self._job(job_uuid)
-        await self.table.delete(job_uuid)
-        await asyncio.to_thread(shutil.rmtree, self.output_dir / job_uuid, True)
+        key = self._job(job_uuid, "delete").job_uuid
+        await self.table.delete(key)
+        await asyncio.to_thread(shutil.rmtree, self.output_dir / key, True)
 
     # ---- checks -----------------------------------------------------------------------------
 

@@ -34,11 +34,13 @@ class StackServer:
     """A `llama stack run` process on a loopback port, its state under `root`.
 
     The run config is the repo's run.yaml with paths pointed into `root`, so
-    what the tests run is what users run. `provider` overrides provider config keys.
+    what the tests run is what users run. `provider` overrides provider config keys. With `token`
+    (a server whose run_overrides switch `server.auth` on), the helpers send it as a bearer token.
     """
 
     def __init__(self, root: Path, provider: dict[str, Any] | None = None, port: int | None = None,
-                 extra_roots: list[Path] | None = None, run_overrides: dict[str, Any] | None = None) -> None:
+                 extra_roots: list[Path] | None = None, run_overrides: dict[str, Any] | None = None,
+                 token: str | None = None) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -46,6 +48,7 @@ class StackServer:
         self.provider_overrides = provider or {}
         self.extra_roots = extra_roots or []
         self.run_overrides = run_overrides or {}
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.process: subprocess.Popen | None = None
         self.log_path = root / "server.log"
         self.config_path = root / "run.yaml"
@@ -88,7 +91,7 @@ class StackServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/v1/health", headers=self.headers, timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -117,10 +120,11 @@ class StackServer:
     # ---- API helpers ----
 
     def client(self, timeout: float = 30) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=timeout)
 
     def status(self, job_uuid: str) -> dict:
-        r = httpx.get(f"{self.url}/v1/post-training/job/status", params={"job_uuid": job_uuid}, timeout=30)
+        r = httpx.get(f"{self.url}/v1/post-training/job/status", params={"job_uuid": job_uuid},
+                      headers=self.headers, timeout=30)
         r.raise_for_status()
         return r.json()
 
@@ -135,7 +139,7 @@ class StackServer:
             time.sleep(0.1)
 
     def register_rows(self, dataset_id: str, rows: list[dict]) -> None:
-        r = httpx.post(f"{self.url}/v1beta/datasets", timeout=30, json={
+        r = httpx.post(f"{self.url}/v1beta/datasets", headers=self.headers, timeout=30, json={
             "dataset_id": dataset_id, "purpose": "eval/question-answer", "source": {"type": "rows", "rows": rows}})
         r.raise_for_status()
 

@@ -22,6 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 JOB_UUID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# how a job is reached in a path: its id, or (another owner's job, with authentication) its owner-scoped key
+JOB_KEY_PATTERN = JOB_UUID_PATTERN.removesuffix("$") + r"(@[0-9a-f]{16})?$"
 
 
 class _Strict(BaseModel):

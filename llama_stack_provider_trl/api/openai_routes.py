@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, Request
 
-from .models import JOB_UUID_PATTERN
+from .models import JOB_KEY_PATTERN
 from .openai_models import (
     CreateFineTuningJobRequest,
     FineTuningJob,
@@ -17,7 +17,7 @@ from .openai_models import (
     check_metadata,
 )
 
-JobId = Annotated[str, Path(description="The fine-tuning job's id.", pattern=JOB_UUID_PATTERN)]
+JobId = Annotated[str, Path(description="The fine-tuning job's id.", pattern=JOB_KEY_PATTERN)]
 After = Annotated[str | None, Query(description="The id of the last item of the previous page.", max_length=300)]
 Limit = Annotated[int, Query(description="Items per page.", ge=1, le=1000)]
 

@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException  # what FastAPI raises for a body it cannot parse
 
 from .models import (
-    JOB_UUID_PATTERN,
+    JOB_KEY_PATTERN,
     CancelTrainingJobRequest,
     ListPostTrainingJobsResponse,
     PostTrainingJob,
@@ -115,7 +115,8 @@ def error_response(status_code: int, message: str) -> JSONResponse:
 
 
 JobUuidQuery = Annotated[str, Query(description="The job's UUID.", min_length=1, max_length=128)]
-JobUuidPath = Annotated[str, Path(description="The job's UUID.", pattern=JOB_UUID_PATTERN)]
+# a job_uuid, or the key another user's job with the same id is shown by to an admin (access.py)
+JobUuidPath = Annotated[str, Path(description="The job's UUID.", pattern=JOB_KEY_PATTERN)]
 
 
 def create_router(impl: PostTraining | None) -> APIRouter:
