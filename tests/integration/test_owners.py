@@ -95,7 +95,16 @@ def every_route(client, job_uuid):
     path = f"/v1alpha/post-training/jobs/{job_uuid}"
     answers += [(f"{path}/{name}", client.get(f"{path}/{name}")) for name in ("status", "artifacts")]
     answers += [(f"{path}/cancel", client.post(f"{path}/cancel")), (path, client.delete(path))]
+    ft = f"/v1/fine_tuning/jobs/{job_uuid}"  # the OpenAI routes reach the same jobs
+    answers += [(route, client.get(route)) for route in (ft, f"{ft}/events", f"{ft}/checkpoints")]
+    answers += [(f"{ft}/{name}", client.post(f"{ft}/{name}")) for name in ("cancel", "pause", "resume")]
     return answers
+
+
+def listed_openai(client):
+    r = client.get("/v1/fine_tuning/jobs")
+    assert r.status_code == 200, r.text
+    return sorted(j["id"] for j in r.json()["data"])
 
 
 def assert_unknown(client, *job_uuids):
@@ -130,9 +139,10 @@ def test_jobs_are_seen_and_stopped_only_by_their_owner_or_an_admin(workspace, ti
         assert r.status_code == 429 and "limits.max_active_jobs_per_user (1)" in r.json()["error"]["message"], r.text
         assert submit(alice, "job-1", tiny_model, seed_file).status_code == 409  # her own id: a 409 is no news
 
-        assert listed(alice) == ["alice-2", "job-1"]
-        assert listed(bob) == ["job-1"]
-        assert listed(root) == sorted([ALICE_2, ALICE_1, BOBS_1])
+        assert listed(alice) == listed_openai(alice) == ["alice-2", "job-1"]
+        assert listed(bob) == listed_openai(bob) == ["job-1"]
+        assert listed(root) == listed_openai(root) == sorted([ALICE_2, ALICE_1, BOBS_1])
+        assert alice.get("/v1/fine_tuning/jobs/job-1").json()["status"] == "succeeded"
         mine, his = status(alice, "job-1"), status(bob, "job-1")
         assert mine["status"] == "completed" and mine["checkpoints"] and mine["job_uuid"] == "job-1"
         assert his["status"] == "scheduled" and his["checkpoints"] == [] and his["job_uuid"] == "job-1"
