@@ -1,0 +1,165 @@
+"""The ray executor on a real Ray cluster of one machine: `ray start --head --num-cpus 2` on loopback, in a
+temporary directory of its own, stopped (every process of it) when the module ends. One server with
+TRL_EXECUTOR=ray's settings; a 2-worker DPO job checked against the local executor, and a cancelled job
+checked with Ray's state API. Start-up errors (ray missing, cluster unreachable) are checked without a
+cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from stack_server import StackServer, dpo_request, free_port
+
+from llama_stack_provider_trl.config import TrlPostTrainingConfig
+
+pytest.importorskip("ray", reason="the [ray] extra is not installed")
+
+pytestmark = pytest.mark.integration
+
+# 16 rows: 4 optimizer steps of the global batch 4 per epoch, as in test_workers.py
+DDP_JOB = {"batch_size": 4, "n_epochs": 3, "max_steps_per_epoch": 4, "learning_rate": 5e-3}
+LONG = {"batch_size": 2, "max_steps_per_epoch": 8, "n_epochs": 40, "learning_rate": 1e-4}
+# gloo all-reduce averages the two workers' gradients: the same optimizer steps as one process, up to
+# float summation order (test_workers.py's local 2-process job is held to the same tolerance)
+LOSS_TOLERANCE = 1e-4
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
+
+
+def torch_loaded(pid: int) -> bool:
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return "libtorch_cpu" in maps or "libtorch_cuda" in maps
+
+
+def ray_loaded(pid: int) -> bool:
+    return "_raylet" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def submit(server, job_uuid, model, data, **training):
+    r = httpx.post(f"{server.url}/v1/post-training/preference-optimize",
+                   json=dpo_request(job_uuid, str(model), str(data), **training), timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def group(pgid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head node with 2 CPUs on loopback; its processes share one process group, which teardown ends."""
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths live under it
+    port, dashboard = free_port(), free_port()
+    command = [RAY_BIN, "start", "--head", "--num-cpus", "2", "--port", str(port), "--node-ip-address", "127.0.0.1",
+               "--temp-dir", str(temp), "--disable-usage-stats", "--dashboard-host", "127.0.0.1",
+               "--dashboard-port", str(dashboard), "--ray-client-server-port", str(free_port()),
+               "--block"]
+    head = subprocess.Popen(command, stdout=(temp / "start.log").open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "RAY_TMPDIR": str(temp)})
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([RAY_BIN, "status", "--address", address], capture_output=True).returncode != 0:
+            assert head.poll() is None, (temp / "start.log").read_text()
+            assert time.monotonic() < deadline, (temp / "start.log").read_text()
+            time.sleep(1)
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: the head stops its processes
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        for proc in group(head.pid):
+            proc.kill()
+        deadline = time.monotonic() + 10
+        while group(head.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p.cmdline() for p in group(head.pid)]
+        shutil.rmtree(temp, ignore_errors=True)
+        assert left == [], f"Ray processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray_cluster, workspace, tiny_model, seed_file):
+    server = StackServer(workspace / "ray", extra_roots=[workspace], provider={
+        "executor": "ray", "ray_address": ray_cluster["address"], "processes_per_job": 2, "logging_steps": 1}).start()
+    yield server
+    server.stop()
+
+
+def test_a_two_worker_ray_job_trains_like_the_local_executor(ray_server, server, tiny_model, seed_file):
+    submit(server, "ray-baseline", tiny_model, seed_file, **DDP_JOB)
+    submit(ray_server, "ray-two-workers", tiny_model, seed_file, **DDP_JOB)
+    local, ray = server.wait("ray-baseline", timeout=240), ray_server.wait("ray-two-workers", timeout=300)
+    assert local["status"] == ray["status"] == "completed", (local, ray, ray_server.log_tail())
+    resources = ray["resources_allocated"]
+    assert resources["executor"] == "ray" and resources["world_size"] == 2, resources
+    assert [p["rank"] for p in resources["processes"]] == [0, 1], resources
+    assert all(p["address"] == "127.0.0.1" and p["pid"] > 0 for p in resources["processes"]), resources
+    assert ray["progress"]["step"] == local["progress"]["step"] == 12
+    print(f"\nfinal loss: local 1 process {local['progress']['loss']:.6f}, ray 2 workers {ray['progress']['loss']:.6f}")
+    assert ray["progress"]["loss"] == pytest.approx(local["progress"]["loss"], abs=LOSS_TOLERANCE)
+    assert local["progress"]["loss"] < 0.6931 - 0.01  # it learned
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(ray["checkpoints"][0]["path"])
+    log = (ray_server.output_dir / "ray-two-workers" / "worker" / "worker.log").read_text()
+    assert "rank" not in log or "Traceback" not in log, log[-3000:]
+    assert log.count("dill") < 5, log[-3000:]  # no fingerprinting dumps
+    assert ray_loaded(ray_server.process.pid) and not torch_loaded(ray_server.process.pid)
+    assert not ray_loaded(server.process.pid)  # the local executor's server never imports ray
+
+
+def test_cancel_leaves_no_actor_or_process_of_the_job(ray_server, ray_cluster, tiny_model, seed_file):
+    from ray.util.state import list_actors
+
+    submit(ray_server, "ray-cancel", tiny_model, seed_file, **LONG)
+    running = ray_server.wait("ray-cancel", statuses=("in_progress",), timeout=240, predicate=lambda s: (
+        s["progress"]["phase"] == "training" and s["progress"]["step"] >= 2 and s["progress"].get("loss") is not None
+        and len(s["resources_allocated"]["processes"]) == 2))
+    pids = [p["pid"] for p in running["resources_allocated"]["processes"]]
+    assert len(list_actors(address=ray_cluster["address"], filters=[("state", "=", "ALIVE")])) >= 2
+    r = httpx.post(f"{ray_server.url}/v1/post-training/job/cancel", json={"job_uuid": "ray-cancel"}, timeout=30)
+    assert r.status_code == 200
+    assert ray_server.wait("ray-cancel", timeout=30)["status"] == "cancelled"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        actors = list_actors(address=ray_cluster["address"], filters=[("state", "=", "ALIVE")])
+        if not actors and not any(psutil.pid_exists(pid) for pid in pids):
+            break
+        time.sleep(0.5)
+    assert actors == [], [(a.class_name, a.pid) for a in actors]
+    assert [pid for pid in pids if psutil.pid_exists(pid)] == []
+
+
+def test_ray_missing_fails_start_up_naming_the_extra(monkeypatch):
+    from llama_stack_provider_trl.executors import make_executor
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(RuntimeError, match=r"\[ray\] extra"):
+        make_executor(TrlPostTrainingConfig(executor="ray"))
+
+
+def test_an_unreachable_cluster_fails_start_up_naming_the_address():
+    from llama_stack_provider_trl.executors import make_executor
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(RuntimeError, match=f"ray_address '{address}'.*cannot reach"):
+        make_executor(TrlPostTrainingConfig(executor="ray", ray_address=address))
