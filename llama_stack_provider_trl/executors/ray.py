@@ -99,7 +99,12 @@ def check_reachable(address: str) -> None:
 
 
 def worker_env() -> dict[str, str]:
-    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+        # Ray Train's workers route print() to a logger; dill (datasets' fingerprinting) disassembles code by
+        # printing into a captured sys.stdout, so the patch spilled hundreds of lines of bytecode per job
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
     env.update({k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)})
     return env
 

@@ -11,7 +11,6 @@ executor. Ray carries no job data between nodes; the shared output_dir does.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -50,17 +49,9 @@ def train_rank(config: dict[str, Any]) -> None:
 
     spec = JobSpec.read(Path(config["spec"]))
     redirect_output(worker_dir(Path(spec.job_dir)) / "worker.log")
-    quiet_datasets()
     if run(spec, address=ray.util.get_node_ip_address()) != 0:
         # the rank's own error is already in the job's events, where the server reads it
         raise RuntimeError(f"rank {os.environ.get('RANK')} failed (its error is in the job's status)")
-
-
-def quiet_datasets() -> None:
-    """Ray's workers log at INFO, where datasets' fingerprinting has dill dump every pickled function's
-    bytecode (hundreds of lines per job): keep those loggers to warnings."""
-    for name in ("dill", "datasets"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def describe_ray_failure(exc: BaseException) -> str:
