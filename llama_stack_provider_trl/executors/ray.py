@@ -70,17 +70,24 @@ class RayExecutor:
 
 def connect(address: str):
     """ray, connected to the cluster at `address`, or a start-up error naming what is missing."""
+    # importing ray installs a log record factory that adds `_ray_timestamp_ns` to every record, which the
+    # server's log would print on every line: the server's own factory is put back
+    factory = logging.getLogRecordFactory()
     try:
         import ray
     except ImportError as exc:
         raise RuntimeError("executor 'ray' needs Ray: install the provider's [ray] extra "
                            "(pip install 'llama-stack-provider-trl[ray]')") from exc
+    finally:
+        logging.setLogRecordFactory(factory)
     check_reachable(address)
     try:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING,
                  configure_logging=False, runtime_env={"env_vars": worker_env()})
     except Exception as exc:  # noqa: BLE001 - ConnectionError, or Ray's own errors for a bad address
         raise RuntimeError(f"ray_address {address!r}: cannot connect to a Ray cluster there: {exc}") from exc
+    finally:
+        logging.setLogRecordFactory(factory)
     return ray
 
 

@@ -60,7 +60,7 @@ def ray_server(ray_cluster, workspace, tiny_model, seed_file):
     server.stop()
 
 
-def test_a_two_worker_ray_job_trains_like_the_local_executor(ray_server, server, tiny_model, seed_file):
+def test_a_two_worker_ray_job_trains_like_the_local_executor(ray_server, ray_cluster, server, tiny_model, seed_file):
     submit(server, "ray-baseline", tiny_model, seed_file, **DDP_JOB)
     submit(ray_server, "ray-two-workers", tiny_model, seed_file, **DDP_JOB)
     local, ray = server.wait("ray-baseline", timeout=240), ray_server.wait("ray-two-workers", timeout=300)
