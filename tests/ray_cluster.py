@@ -37,13 +37,19 @@ class RayHead:
         self.process = subprocess.Popen(command, stdout=(self.temp / "start.log").open("w"), stderr=subprocess.STDOUT,
                                         start_new_session=True, env={**os.environ, "RAY_TMPDIR": str(self.temp)})
         deadline = time.monotonic() + timeout
-        while subprocess.run([RAY_BIN, "status", "--address", self.address], capture_output=True).returncode != 0:
+        while not self.node_active():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 log = (self.temp / "start.log").read_text()
                 self.stop()
                 raise RuntimeError(f"the Ray head did not start:\n{log}")
             time.sleep(0.5)
         return self
+
+    def node_active(self) -> bool:
+        """The head's node has registered: `ray status` answers before that, and a driver connecting then
+        waits for it."""
+        status = subprocess.run([RAY_BIN, "status", "--address", self.address], capture_output=True, text=True)
+        return status.returncode == 0 and "node_" in status.stdout
 
     def processes(self) -> list[psutil.Process]:
         found = []
