@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "llama-stack-provider-trl"
 CONNECT_TIMEOUT_S = 5.0
+FORCE_AFTER_S = 15.0  # a cancelled run's graceful abort normally ends its driver in a few seconds
 # What Ray's workers get from the server's environment: the hub settings (offline mode, cache, token).
 PASSED_ENV_PREFIXES = ("HF_",)
 
@@ -145,19 +147,34 @@ class RayJob(LocalJob):
         self.ray = ray
 
     def kill(self) -> None:
-        """Force-cancel the driver task: its process is killed, and Ray ends the actors it owned (the
-        Ray Train controller, whose workers go with it), on whatever node they run."""
+        """Cancel the driver task: Ray interrupts it (SIGINT semantics), and TorchTrainer.fit's handler
+        aborts the run: the controller kills the workers on whatever node they run, and removes the run's
+        placement group and the detached actor that guards it. Force-killing the driver at once would
+        leave that guard alive until it noticed; force comes only if the abort has not ended the driver
+        within FORCE_AFTER_S (Ray then ends every actor the driver owned)."""
         self._killed = True
+        self._cancel(force=False)
+        timer = threading.Timer(FORCE_AFTER_S, self._force)
+        timer.daemon = True
+        timer.start()
+
+    def _force(self) -> None:
+        if self.process.poll() is None:
+            log.warning("job %s: its Ray run did not abort in %.0f s; force-cancelling its driver",
+                        self.spec.job_uuid, FORCE_AFTER_S)
+            self._cancel(force=True)
+
+    def _cancel(self, force: bool) -> None:
         try:
-            self.ray.cancel(self.process.ref, force=True)
+            self.ray.cancel(self.process.ref, force=force)
         except Exception:  # noqa: BLE001 - already finished
             pass
 
     def _outcome(self, end: dict[str, Any] | None, errors: list[dict[str, Any]], silenced: bool) -> Outcome:
         if end is None and not silenced and not self._killed:
             self.process.poll()
-            ray_error = (self.process.result or {}).get("error")
+            result = self.process.result or {}
             # a worker that died (a signal, a lost node) is the cause; the other ranks' errors follow from it
-            if ray_error and ("died" in ray_error or not errors):
-                return Outcome("failed", error=ray_error)
+            if result.get("error") and (result.get("worker_died") or not errors):
+                return Outcome("failed", error=result["error"])
         return super()._outcome(end, errors, silenced)

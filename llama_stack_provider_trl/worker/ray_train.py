@@ -12,6 +12,7 @@ executor. Ray carries no job data between nodes; the shared output_dir does.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def drive(spec_path: str, use_gpu: bool) -> dict[str, Any]:
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - reported to the server, which fails the job with it
-        return {"ok": False, "error": describe_ray_failure(exc)}
+        return {"ok": False, **describe_ray_failure(exc)}
     return {"ok": True}
 
 
@@ -54,21 +55,32 @@ def train_rank(config: dict[str, Any]) -> None:
         raise RuntimeError(f"rank {os.environ.get('RANK')} failed (its error is in the job's status)")
 
 
-def describe_ray_failure(exc: BaseException) -> str:
-    """Ray Train's error, said in one line per failed rank: which rank, and why (a worker process that
-    died, a node that went away, an exception)."""
-    failures = getattr(exc, "worker_failures", None)
+def describe_ray_failure(exc: BaseException) -> dict[str, Any]:
+    """{"error", "worker_died"}: Ray Train's failure in a sentence. A worker process that died (a signal, a
+    lost node) is the cause of the others' errors, so it is named alone; a worker that raised has already
+    reported its own error through the job's events, which the server prefers."""
+    from ray.exceptions import RayActorError
+
+    failures = getattr(exc, "worker_failures", None) or {}
+    died = {rank: error for rank, error in failures.items()
+            if isinstance(error, RayActorError) or "actor died" in str(error)}
+    if died:
+        ranks = ", ".join(f"rank {rank}" for rank in sorted(died))
+        return {"worker_died": True, "error": (
+            f"{ranks}: its Ray worker process died ({_exit_detail(died[min(died)])}): the kernel's out-of-memory "
+            "killer, a crash, or the loss of its node is the usual cause; not retried (FailureConfig max_failures=0)")}
     if failures:
-        parts = [f"rank {rank}: {_first_line(error)}" for rank, error in sorted(failures.items())]
-        return "Ray Train worker failed (not retried: max_failures=0): " + "; ".join(parts)
-    return f"Ray Train failed: {_first_line(exc)}"
+        parts = "; ".join(f"rank {rank}: {_first_line(error)}" for rank, error in sorted(failures.items()))
+        return {"worker_died": False, "error": f"Ray Train worker failed: {parts}"}
+    return {"worker_died": False, "error": f"Ray Train failed: {_first_line(exc)}"}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    # Ray's messages start with a traceback header; the cause is what follows it
-    for line in lines:
-        if not line.startswith(("Traceback", "File ", "ray::", "^")) and "Error" in line or "died" in line:
-            return line[:500]
-    return (lines[0] if lines else type(exc).__name__)[:500]
+def _exit_detail(error: BaseException) -> str:
+    """Ray's reason for an actor's death ("Worker exit detail: ..."), else its message's first line."""
+    match = re.search(r"exit detail: ([^\n]*?)(?: There are some potential root causes|\n|$)", str(error))
+    return match.group(1).strip().rstrip(".") if match else _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:500]
