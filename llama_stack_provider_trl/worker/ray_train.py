@@ -77,7 +77,8 @@ def describe_ray_failure(exc: BaseException) -> dict[str, Any]:
 
 def _exit_detail(error: BaseException) -> str:
     """Ray's reason for an actor's death ("Worker exit detail: ..."), else its message's first line."""
-    match = re.search(r"exit detail: ([^\n]*?)(?: There are some potential root causes|\n|$)", str(error))
+    match = re.search(r"exit detail: ([^\n]*?)(?: (?:Some common causes|There are some potential root causes)|\n|$)",
+                      str(error))
     return match.group(1).strip().rstrip(".") if match else _first_line(error)
 
 
