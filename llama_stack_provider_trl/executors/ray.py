@@ -1,6 +1,6 @@
 """Jobs on a Ray cluster, as Ray Train TorchTrainer runs (executor: ray).
 
-The server connects to the cluster once, at start-up (ray.init, about 3 s), and then submits each job as
+The server connects to the cluster once, at start-up (import ray and ray.init, 2-4 s), and then submits each job as
 one Ray task, `worker/ray_train.drive`, which fits a TorchTrainer with processes_per_job workers placed by
 Ray. The driver runs in a Ray process rather than here because Ray Train's torch module imports torch,
 which the server never does; a task rather than a subprocess per job because a subprocess would pay
@@ -9,8 +9,9 @@ ray's import and its own ray.init (about 6 s together) for every job.
 Everything else is the local executor's (LocalJob): the workers run the same rank entry and write the
 same events and rank files into the job's directory, which therefore must be on storage every node sees
 at the same path (output_dir). Stop for a shutdown: the stop file. Cancel: the driver task is cancelled
-with force, and Ray ends the actors it owns (Ray Train's controller, which owns the workers). The server
-owns every task it submits: if it dies, Ray ends its jobs too, as the local executor's die with it.
+and Ray Train aborts the run (RayJob.kill). Failures are not retried (FailureConfig max_failures=0). The
+server owns every task it submits: if it dies, Ray ends its jobs too, as the local executor's die with it,
+and at the next start an interrupted job resumes from its latest checkpoint, as a local one does.
 """
 
 from __future__ import annotations
