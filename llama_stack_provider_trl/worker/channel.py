@@ -7,7 +7,8 @@
     <job_dir>/worker/worker.log      the processes' stdout and stderr
 
 Files rather than pipes because every rank, whoever launched it (torchrun, the fork server, Ray Train on
-another node of a cluster whose nodes share output_dir), can reach them, and a line appended with O_APPEND arrives whole. No torch here: the server imports this module.
+another node of a cluster whose nodes share output_dir), can reach them, and a line appended with O_APPEND
+arrives whole. No torch here: the server imports this module.
 """
 
 from __future__ import annotations
