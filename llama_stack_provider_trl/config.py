@@ -87,6 +87,17 @@ class TrlPostTrainingConfig(BaseModel):
         default_factory=lambda: ["."], description="Local dataset files must resolve (after symlinks) inside one of these."
     )
     trust_remote_code: bool = Field(default=False, description="Allow models that ship their own Python code.")
+    executor: Literal["local", "ray"] = Field(
+        default="local",
+        description="Where a job's processes run: local (worker processes on this machine) or ray (a Ray Train "
+        "TorchTrainer on the Ray cluster at ray_address; needs the [ray] extra, and output_dir on storage every "
+        "node of the cluster sees at the same path).",
+    )
+    ray_address: str = Field(
+        default="auto",
+        description="executor ray: the cluster to connect to at start-up, host:port of its head (GCS), or auto "
+        "(a cluster started on this machine with `ray start`).",
+    )
     processes_per_job: int = Field(
         default=1, ge=1, le=64,
         description="Processes per job, launched by torchrun: one per GPU on CUDA (the job gets that many GPUs), "

@@ -39,7 +39,7 @@ from .data import (
     sft_rows,
     write_jsonl,
 )
-from .executors import LocalExecutor
+from .executors import make_executor
 from .hardware import training_device
 from .jobs import FINAL_STATES, JobNotFoundError, JobRecord, JobTable, now
 from .lora_targets import SafetensorsError, linear_modules, lora_target_modules
@@ -79,7 +79,7 @@ class TrlPostTrainingImpl:
         self.table = JobTable(await kvstore_impl(self.config.kvstore))
         records = await self.table.load()
         self._set_aside_orphans({r.job_uuid for r in records})
-        executor = LocalExecutor(self.config)
+        executor = make_executor(self.config)
         gpus = executor.devices()
         if gpus != ["cpu"] and self.config.processes_per_job > len(gpus):
             raise ValueError(f"processes_per_job: {self.config.processes_per_job} processes need as many GPUs, and "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv with Python >= 3.12 (llama-stack 0.7 needs it) and install the package with its test extras.
+# Create ./.venv with Python >= 3.12 (llama-stack 0.7 needs it) and install the package with its test and ray extras.
 # Idempotent: a second run only re-checks the install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +25,8 @@ if [ ! -x .venv/bin/python ]; then
   "$(find_python)" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,ray]"
 .venv/bin/python - <<'PY'
 from importlib.metadata import version
-print(", ".join(f"{p} {version(p)}" for p in ("llama-stack", "llama-stack-client", "trl", "transformers", "peft", "datasets", "torch")))
+print(", ".join(f"{p} {version(p)}" for p in ("llama-stack", "llama-stack-client", "trl", "transformers", "peft", "datasets", "torch", "ray")))
 PY

@@ -2,12 +2,13 @@
 
     <job_dir>/worker/spec.json       the job, written by the server before it starts the worker
     <job_dir>/worker/events.jsonl    appended by the worker: progress (rank 0), errors (any rank), the end (rank 0)
-    <job_dir>/worker/rank-<r>.json   each rank's pid and host, written as it starts
+    <job_dir>/worker/rank-<r>.json   each rank's pid and host (and node address on a Ray cluster), written as it starts
     <job_dir>/worker/stop            made by the server at shutdown: save a checkpoint at the next step and stop
     <job_dir>/worker/worker.log      the processes' stdout and stderr
 
-Files rather than pipes because every rank, whoever launched it (torchrun, the fork server), can reach
-them, and a line appended with O_APPEND arrives whole. No torch here: the server imports this module.
+Files rather than pipes because every rank, whoever launched it (torchrun, the fork server, Ray Train on
+another node of a cluster whose nodes share output_dir), can reach them, and a line appended with O_APPEND
+arrives whole. No torch here: the server imports this module.
 """
 
 from __future__ import annotations
@@ -86,9 +87,11 @@ class EventWriter:
         finally:
             os.close(fd)
 
-    def register(self) -> None:
+    def register(self, address: str | None = None) -> None:
+        """This rank's pid and host; `address`: its node's address on a cluster (Ray's node IP)."""
         path = self.directory / f"rank-{self.rank}.json"
-        path.write_text(json.dumps({"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname()}))
+        found = {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname()}
+        path.write_text(json.dumps(found if address is None else {**found, "address": address}))
 
     def report(self, persist: bool = False, **fields: Any) -> None:
         """Rank 0's progress. Ticks between logged steps are merged and written at most every 0.25 s,

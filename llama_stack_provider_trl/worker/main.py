@@ -120,11 +120,12 @@ def fork_job(spec_path: str) -> int:
         os._exit(code)
 
 
-def run(spec: JobSpec) -> int:
+def run(spec: JobSpec, address: str | None = None) -> int:
+    """One rank of the job (RANK from the launcher: torchrun, or Ray Train); `address`: its cluster node's."""
     rank = int(os.environ.get("RANK", "0"))
     job_dir = Path(spec.job_dir)
     events = EventWriter(job_dir, rank)
-    events.register()
+    events.register(address)
     try:
         from ..config import TrlPostTrainingConfig
         from ..plan import TrainingPlan
