@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_venv.sh
-exec .venv/bin/python -m pytest -q "$@"
+# Two test files at a time (pytest-xdist; each file stays on one worker, with its servers): most tests wait on
+# servers starting and worker processes importing torch, which a second file's work fills in. TEST_WORKERS=0: serial.
+exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
