@@ -24,8 +24,6 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from llama_stack_provider_trl import history  # noqa: E402  (reads a job's metrics.jsonl; no torch)
 
 PORT = int(os.environ.get("DEMO_PORT", "8321"))
 URL = f"http://localhost:{PORT}"
@@ -139,13 +137,14 @@ def learn() -> str:
     show(f"-> {r.status_code}", r.json())
     r.raise_for_status()
     status = poll(job_uuid, every=False)
-    job_dir = STATE / "post_training" / job_uuid
-    rows = history.read(job_dir)
-    print(f"\n=== its logged metrics, step by step ({history.path(job_dir)})")
-    for row in rows:
-        print(f"  step {row['step']:>2}/{row.get('total_steps')}  loss={row.get('loss', float('nan')):.4f}  "
-              f"rewards/margins={row.get('rewards/margins', float('nan')):+.4f}  "
-              f"rewards/accuracies={row.get('rewards/accuracies', float('nan')):.2f}")
+    # the same job through the OpenAI fine-tuning routes: one metrics event per logged step, newest first
+    r = httpx.get(f"{URL}/v1/fine_tuning/jobs/{job_uuid}/events", params={"limit": 100}, timeout=30)
+    r.raise_for_status()
+    metrics = [e["data"] for e in reversed(r.json()["data"]) if e["type"] == "metrics"]
+    print(f"\n=== its metrics events (GET /v1/fine_tuning/jobs/{job_uuid}/events)")
+    for m in metrics:
+        print(f"  step {m['step']:>2}/{m['total_steps']}  loss={m['train_loss']:.4f}  "
+              f"rewards/margins={m['train_reward_margin']:+.4f}  rewards/accuracies={m['train_reward_accuracy']:.2f}")
     curves = (status.get("progress") or {}).get("curves")
     print(f"\n=== its training curves (loss, reward margin, reward accuracy): {curves}")
     return status["status"]
