@@ -42,7 +42,8 @@ def append(job_dir: Path, step: int, logs: dict[str, Any], total_steps: int | No
 
 def read(job_dir: Path) -> list[dict[str, Any]]:
     """One dict per logged step, oldest first. Lines of the same step are merged (train and eval logs
-    of a step; a step logged again after a resume from an earlier checkpoint: the later values win)."""
+    of a step; a step logged again after a resume from an earlier checkpoint: the later values win),
+    and `time` is when the step's training loss was logged."""
     file = path(job_dir)
     if not file.is_file():
         return []
@@ -55,7 +56,13 @@ def read(job_dir: Path) -> list[dict[str, Any]]:
                 continue  # a line still being written
             if not isinstance(row, dict) or not isinstance(row.get("step"), int):
                 continue
-            by_step.setdefault(row["step"], {}).update(row)
+            merged = by_step.setdefault(row["step"], {})
+            logged_at = merged.get("time")
+            merged.update(row)
+            if logged_at is not None and "loss" not in row:
+                # a step's time is when its training loss was logged: its eval line, or the Trainer's end-of-run
+                # summary (logged at the last step, after a stop's checkpoint was saved), do not move it
+                merged["time"] = logged_at
     return [by_step[step] for step in sorted(by_step)]
 
 

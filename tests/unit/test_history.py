@@ -21,3 +21,15 @@ def test_a_line_still_being_written_is_skipped(tmp_path):
         f.write(json.dumps({"step": 2, "loss": 0.5})[:9])
     assert [r["step"] for r in history.read(tmp_path)] == [1]
     assert history.read(tmp_path / "missing") == []
+
+
+def test_a_step_keeps_the_time_its_training_loss_was_logged(tmp_path):
+    lines = [{"step": 10, "time": 100.0, "loss": 0.69}, {"step": 10, "time": 105.0, "eval_loss": 0.7},
+             {"step": 10, "time": 107.0, "train_loss": 0.69, "train_runtime": 3.0}]
+    history.path(tmp_path).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (row,) = history.read(tmp_path)
+    assert row["time"] == 100.0 and row["eval_loss"] == 0.7 and row["train_runtime"] == 3.0
+    with history.path(tmp_path).open("a") as f:  # the step trained and logged again after a resume
+        f.write(json.dumps({"step": 10, "time": 200.0, "loss": 0.68}) + "\n")
+    (row,) = history.read(tmp_path)
+    assert row["time"] == 200.0 and row["loss"] == 0.68
