@@ -76,11 +76,7 @@ def main() -> int:
             "training_config": {"n_epochs": 1, "max_steps_per_epoch": 100, "batch_size": 4, "learning_rate": 1e-6,
                                 "dataset": "dpo-demo"},
         }
-        show("POST /v1/post-training/preference-optimize", request)
-        r = httpx.post(f"{URL}/v1/post-training/preference-optimize", json=request, timeout=60)
-        show(f"-> {r.status_code}", r.json())
-        r.raise_for_status()
-
+        submit("POST /v1/post-training/preference-optimize", request)
         status = poll(job_uuid)
         show("final status", status)
         artifacts = httpx.get(f"{URL}/v1/post-training/job/artifacts", params={"job_uuid": job_uuid}).json()
@@ -101,6 +97,14 @@ def main() -> int:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
+
+
+def submit(title: str, request: dict) -> None:
+    """Send a DPO request, printing it and the answer."""
+    show(title, request)
+    r = httpx.post(f"{URL}/v1/post-training/preference-optimize", json=request, timeout=60)
+    show(f"-> {r.status_code}", r.json())
+    r.raise_for_status()
 
 
 def poll(job_uuid: str, every: bool = True) -> dict:
@@ -132,10 +136,7 @@ def learn() -> str:
         "training_config": {"n_epochs": 10, "max_steps_per_epoch": 4, "batch_size": 4, "learning_rate": 5e-3,
                             "dataset": "dpo-demo"},
     }
-    show("a job that learns: POST /v1/post-training/preference-optimize", request)
-    r = httpx.post(f"{URL}/v1/post-training/preference-optimize", json=request, timeout=60)
-    show(f"-> {r.status_code}", r.json())
-    r.raise_for_status()
+    submit("a job that learns: POST /v1/post-training/preference-optimize", request)
     status = poll(job_uuid, every=False)
     # the same job through the OpenAI fine-tuning routes: one metrics event per logged step, newest first
     r = httpx.get(f"{URL}/v1/fine_tuning/jobs/{job_uuid}/events", params={"limit": 100}, timeout=30)
